@@ -125,7 +125,7 @@ class RoutingBuffers {
 struct BalanceStats {
   index_t tokens = 0;   ///< global T
   index_t experts = 0;  ///< E
-  index_t top_k = 0;    ///< assignments per token (token choice) or average (expert choice)
+  index_t top_k = 0;    ///< k for token choice; 0 for expert choice (use `assignments`)
   index_t assignments = 0;  ///< global number of assignments (T·k for token choice)
   std::span<const std::int64_t> counts;  ///< [E] global
   std::span<const float> prob_sums;      ///< [E] global Σ_t p_{t,e}
