@@ -36,8 +36,10 @@ concept SelectionPolicy = requires(const RouterConfig& c) {
 /// optional; the router calls those a balancer has:
 ///
 /// - `void selection_bias(std::span<float> b) const` adds a score-space bias: key = s + b.
-/// - `void selection_logit_offset(MatrixView<const float> z, std::span<float> c, bool training)`
-///   sets a per-batch logit-space offset: key = z + c (Sinkhorn). Exclusive with a bias.
+/// - `bool selection_logit_offset(MatrixView<const float> z, std::span<float> c, bool training)`
+///   sets a per-batch logit-space offset: key = z + c (Sinkhorn). Exclusive with a bias. It
+///   returns whether the offset applies to this batch; false (e.g. outside training) makes
+///   the router select on the plain scores, bit-identical to a router without the hook.
 /// - `float aux_loss(const BalanceStats&, AuxGradient&) const` returns the auxiliary loss of a
 ///   batch and adds its gradient coefficients (training only).
 /// - `void observe(const BalanceStats&)` records a successful training batch for `step`.
@@ -63,6 +65,10 @@ concept has_selection_bias = requires(const B& b, std::span<float> s) { b.select
 template <class B>
 concept has_logit_offset = requires(B& b, MatrixView<const float> z, std::span<float> c, bool t) {
   b.selection_logit_offset(z, c, t);
+};
+template <class B>
+concept logit_offset_returns_bool = requires(B& b, MatrixView<const float> z, std::span<float> c, bool t) {
+  { b.selection_logit_offset(z, c, t) } -> std::same_as<bool>;
 };
 template <class B>
 concept has_aux_loss = requires(const B& b, const BalanceStats& s, AuxGradient& g) {

@@ -116,9 +116,13 @@ class Router {
       args.bias = bias_;
     }
     if constexpr (detail::has_logit_offset<Balancing>) {
+      static_assert(detail::logit_offset_returns_bool<Balancing>,
+                    "Router: a balancer's selection_logit_offset(z, c, training) must return bool (whether the "
+                    "offset applies to this batch)");
       offset_.assign(std::size_t(E), 0.0f);
-      balancer_.selection_logit_offset(engine_.logits_f32(logits, config_.non_finite), offset_, training_);
-      args.logit_offset = offset_;
+      // false (e.g. outside training): select on the plain scores, exactly as without the hook
+      if (balancer_.selection_logit_offset(engine_.logits_f32(logits, config_.non_finite), offset_, training_))
+        args.logit_offset = offset_;
     }
     // fp64 partial sums travel through the all-reduce; one int64 and one fp64 collective
     reduce_f64_.assign(std::size_t(E + 1), 0.0);

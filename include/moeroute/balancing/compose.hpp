@@ -63,12 +63,16 @@ class Balancers {
       if constexpr (detail::has_selection_bias<std::decay_t<decltype(m)>>) m.selection_bias(b);
     });
   }
-  void selection_logit_offset(MatrixView<const float> z, std::span<float> c, bool training)
+  /// The one member's logit-space offset; returns whether it applies to this batch.
+  bool selection_logit_offset(MatrixView<const float> z, std::span<float> c, bool training)
     requires(detail::has_logit_offset<Bs> || ...)
   {
+    bool applies = false;
     each([&](auto& m) {
-      if constexpr (detail::has_logit_offset<std::decay_t<decltype(m)>>) m.selection_logit_offset(z, c, training);
+      if constexpr (detail::has_logit_offset<std::decay_t<decltype(m)>>)
+        applies = m.selection_logit_offset(z, c, training) || applies;
     });
+    return applies;
   }
   float aux_loss(const BalanceStats& s, AuxGradient& g) const
     requires(detail::has_aux_loss<Bs> || ...)

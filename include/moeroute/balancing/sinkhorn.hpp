@@ -1,0 +1,181 @@
+// moeroute — Sinkhorn: balanced assignment by Sinkhorn normalisation of the routing matrix
+// (BASE layers / S-BASE, Megatron-Core's "sinkhorn" load-balancing type).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "../core.hpp"
+
+namespace moeroute {
+
+/// What Sinkhorn does when the iteration reaches its cap without meeting the tolerance.
+enum class SinkhornOnNoConvergence {
+  error,   ///< throw sinkhorn_error; the batch is not routed and nothing is recorded (default)
+  report,  ///< route with the last iterate and record the batch as not converged
+};
+
+/// Thrown when the Sinkhorn iteration hits `max_iters` with on_no_convergence = error.
+class sinkhorn_error : public error {
+ public:
+  sinkhorn_error(index_t iterations, double residual, double tol)
+      : error(detail::concat("moeroute: Sinkhorn did not converge: mean |d1 - d1_prev| = ", residual,
+                             " is not below tol = ", tol, " after max_iters = ", iterations,
+                             " iterations (raise Sinkhorn::Config::max_iters or tol, or set on_no_convergence = "
+                             "SinkhornOnNoConvergence::report)")),
+        iterations_(iterations),
+        residual_(residual) {}
+  [[nodiscard]] index_t iterations() const noexcept { return iterations_; }
+  [[nodiscard]] double residual() const noexcept { return residual_; }
+
+ private:
+  index_t iterations_;
+  double residual_;
+};
+
+/// Sinkhorn balancing. In training, the experts of a batch are chosen by the top-k of the
+/// doubly normalised matrix P = diag(d⁰) · K · diag(d¹), K_{t,e} = exp(z_{t,e} − max_e z_t),
+/// found by iterating from d¹ = 1:
+///
+///   d⁰_t = (1/T) / (Σ_e K_{t,e} d¹_e + ε),   d¹_e = (1/E) / (Σ_t K_{t,e} d⁰_t + ε)
+///
+/// until mean_e |d¹ − d¹_prev| < tol (or max_iters: an error or a reported non-convergence,
+/// per Config::on_no_convergence — never a hang). Since d⁰ only scales rows, a token's top-k
+/// of P is its top-k of z + log d¹: the balancer supplies c = log d¹ as a per-batch
+/// logit-space selection key. Subtracting each row's max before exp only changes d⁰, so
+/// logits of any magnitude are safe; the iteration runs in fp64 on the fp32 logits.
+///
+/// Gate weights come from the unbiased scores (choose Sigmoid scoring for k = 1 and Softmax
+/// otherwise to match Megatron-Core). No auxiliary loss and no gradient: the selection is
+/// piecewise constant. Outside training the offset is not applied: plain top-k of the scores.
+/// Composes with balancers that do not set a selection key, e.g. Balancers<Sinkhorn, ZLoss>.
+///
+/// Metrics of the last training batch: column_scaling() (d¹), row_scaling() (d⁰, for the
+/// row-shifted K), iterations(), residual(), converged(); and counters over all batches.
+class Sinkhorn {
+ public:
+  struct Config {
+    /// Stop when mean_e |d¹ − d¹_prev| < tol. tol = 0 never stops early: it runs max_iters
+    /// iterations, which requires on_no_convergence = report.
+    double tol = 1e-4;
+    /// ε in both denominators (Megatron-Core's 1e-8).
+    double eps = 1e-8;
+    /// Iteration cap (each iteration updates d⁰ and d¹ once).
+    index_t max_iters = 1000;
+    SinkhornOnNoConvergence on_no_convergence = SinkhornOnNoConvergence::error;
+  };
+  static constexpr const char* name = "sinkhorn";
+
+  /// Throws invalid_argument naming a bad setting.
+  explicit Sinkhorn(index_t num_experts) : Sinkhorn(num_experts, Config{}) {}
+  Sinkhorn(index_t num_experts, const Config& config) : experts_(num_experts), config_(config) {
+    detail::require(num_experts >= 1, "num_experts", "E = ", num_experts, " must be >= 1");
+    detail::require(std::isfinite(config.tol) && config.tol >= 0.0, "tol", "Sinkhorn tol = ", config.tol,
+                    " must be finite and >= 0");
+    detail::require(std::isfinite(config.eps) && config.eps > 0.0, "eps", "Sinkhorn eps = ", config.eps,
+                    " must be finite and > 0");
+    detail::require(config.max_iters >= 1, "max_iters", "Sinkhorn max_iters = ", config.max_iters, " must be >= 1");
+    detail::require(config.tol > 0.0 || config.on_no_convergence == SinkhornOnNoConvergence::report, "tol",
+                    "Sinkhorn tol = 0 never converges; with on_no_convergence = error every batch would fail "
+                    "(use on_no_convergence = report for a fixed number of iterations)");
+    d1_.assign(std::size_t(num_experts), 1.0);
+  }
+
+  [[nodiscard]] const Config& config() const noexcept { return config_; }
+
+  /// The balancer hook (see concepts.hpp): in training, runs the iteration on the fp32
+  /// logits `z` [T, E] and writes c = log d¹ into `c` [E]; returns true (apply key z + c).
+  /// Outside training, or for an empty batch, writes nothing and returns false (plain
+  /// top-k). Throws sinkhorn_error on non-convergence in error mode, with nothing recorded.
+  bool selection_logit_offset(MatrixView<const float> z, std::span<float> c, bool training) {
+    detail::require(z.cols == experts_, "logits", "Sinkhorn expects ", experts_, " columns, got ", z.cols);
+    detail::require(index_t(c.size()) == experts_, "offset", "expected ", experts_, " elements, got ", c.size());
+    if (!training || z.rows == 0) return false;
+    const index_t T = z.rows, E = experts_;
+    const std::size_t Es = std::size_t(E);
+
+    // K = exp(z - row max) in fp64; -inf logits (NaN mapped by the router) give 0
+    k_.resize(std::size_t(T) * Es);
+    for (index_t t = 0; t < T; ++t) {
+      const float* zr = z.row_ptr(t);
+      double m = -INFINITY;
+      for (index_t e = 0; e < E; ++e) m = std::max(m, double(zr[e]));
+      double* kr = k_.data() + std::size_t(t) * Es;
+      for (index_t e = 0; e < E; ++e) kr[e] = std::exp(double(zr[e]) - m);
+    }
+
+    const double inv_t = 1.0 / double(T), inv_e = 1.0 / double(E), eps = config_.eps;
+    std::vector<double> d0(static_cast<std::size_t>(T)), d1(Es, 1.0), col(Es);
+    index_t it = 0;
+    double residual = INFINITY;
+    bool converged = false;
+    while (it < config_.max_iters) {
+      ++it;
+      std::fill(col.begin(), col.end(), 0.0);
+      for (index_t t = 0; t < T; ++t) {
+        const double* kr = k_.data() + std::size_t(t) * Es;
+        double r = 0.0;
+        for (index_t e = 0; e < E; ++e) r += kr[e] * d1[std::size_t(e)];
+        const double d = inv_t / (r + eps);
+        d0[std::size_t(t)] = d;
+        for (index_t e = 0; e < E; ++e) col[std::size_t(e)] += kr[e] * d;
+      }
+      double diff = 0.0;
+      for (std::size_t e = 0; e < Es; ++e) {
+        const double next = inv_e / (col[e] + eps);
+        diff += std::fabs(next - d1[e]);
+        d1[e] = next;
+      }
+      residual = diff * inv_e;
+      if (residual < config_.tol) {
+        converged = true;
+        break;
+      }
+    }
+    if (!converged && config_.on_no_convergence == SinkhornOnNoConvergence::error)
+      throw sinkhorn_error(it, residual, config_.tol);
+
+    for (std::size_t e = 0; e < Es; ++e) c[e] = float(std::log(d1[e]));
+    // record the batch only now that it succeeded
+    d1_.swap(d1);
+    d0_.swap(d0);
+    iterations_ = it;
+    residual_ = residual;
+    converged_ = converged;
+    ++batches_;
+    if (!converged) ++unconverged_batches_;
+    return true;
+  }
+
+  /// d¹ of the last training batch [E] (ones before the first batch): the per-expert column
+  /// scaling; log d¹ is the selection offset. An expert the batch over-prefers gets d¹ < the
+  /// others'.
+  [[nodiscard]] std::span<const double> column_scaling() const noexcept { return d1_; }
+  /// d⁰ of the last training batch [T] for the row-max-shifted K (empty before the first).
+  [[nodiscard]] std::span<const double> row_scaling() const noexcept { return d0_; }
+  /// Iterations the last training batch took.
+  [[nodiscard]] index_t iterations() const noexcept { return iterations_; }
+  /// mean_e |d¹ − d¹_prev| at the last iteration of the last training batch.
+  [[nodiscard]] double residual() const noexcept { return residual_; }
+  /// Whether the last training batch met the tolerance.
+  [[nodiscard]] bool converged() const noexcept { return converged_; }
+  /// Training batches routed, and how many of them did not converge (report mode).
+  [[nodiscard]] std::int64_t batches() const noexcept { return batches_; }
+  [[nodiscard]] std::int64_t unconverged_batches() const noexcept { return unconverged_batches_; }
+
+ private:
+  index_t experts_;
+  Config config_;
+  std::vector<double> k_;  // workspace: the row-shifted exp(Z)
+  std::vector<double> d0_, d1_;
+  index_t iterations_ = 0;
+  double residual_ = 0.0;
+  bool converged_ = true;
+  std::int64_t batches_ = 0, unconverged_batches_ = 0;
+};
+
+}  // namespace moeroute
