@@ -11,8 +11,16 @@
 
 #include <cstdint>
 #include <cstring>
+#include <moeroute/balancing/loss_free.hpp>
+#include <moeroute/balancing/switch_aux.hpp>
 #include <moeroute/comm/mpi.hpp>
-#include <moeroute/moeroute.hpp>
+#include <moeroute/router.hpp>
+#include <moeroute/selection/topk.hpp>
+#include <moeroute/state.hpp>
+#if __has_include(<moeroute/balancing/phi.hpp>)
+#include <moeroute/balancing/phi.hpp>
+#define MOEROUTE_TEST_HAVE_PHI 1
+#endif
 #include <random>
 #include <vector>
 
@@ -55,18 +63,11 @@ std::vector<float> random_grad(index_t n, unsigned seed) {
 
 /// Byte image of a balancer's state through its save() hook (empty when it has none): equal
 /// images mean bit-identical state.
-struct ByteWriter {
-  std::vector<unsigned char> bytes;
-  void write(const void* p, std::size_t n) {
-    const auto* c = static_cast<const unsigned char*>(p);
-    bytes.insert(bytes.end(), c, c + n);
-  }
-};
 template <class B>
-std::vector<unsigned char> state_image(const B& b) {
-  ByteWriter w;
+std::vector<std::byte> state_image(const B& b) {
+  mr::StateWriter w;
   if constexpr (requires { b.save(w); }) b.save(w);
-  return w.bytes;
+  return w.bytes();
 }
 
 struct Mismatches {
@@ -89,6 +90,7 @@ void two_halves_equal_whole(const mr::RouterConfig& config, const typename Balan
   REQUIRE(dist.communicator().rank() == rank);
 
   mr::RoutingBuffers bd, bs;
+  const std::vector<std::byte> initial_state = state_image(single.balancer());
   for (int s = 0; s < steps; ++s) {
     CAPTURE(s);
     const std::vector<float> z = skewed_logits(T, E, 100u + unsigned(s));
@@ -115,6 +117,7 @@ void two_halves_equal_whole(const mr::RouterConfig& config, const typename Balan
     CHECK(m.ids == 0);
     CHECK(m.gates == 0);
     CHECK(same_bits(rd.aux_loss, rs.aux_loss));
+    if constexpr (mr::detail::has_aux_loss<Balancing>) CHECK(rs.aux_loss > 0.0f);  // the loss is really there
     // Σ lse² is an fp64 sum of non-exact squares: equal to rounding, not necessarily in bits.
     CHECK(rd.global_lse_sq_sum == doctest::Approx(rs.global_lse_sq_sum).epsilon(1e-13));
 
@@ -131,6 +134,7 @@ void two_halves_equal_whole(const mr::RouterConfig& config, const typename Balan
     dist.step();
     CHECK(state_image(dist.balancer()) == state_image(single.balancer()));
   }
+  if constexpr (mr::detail::has_step<Balancing>) CHECK(state_image(single.balancer()) != initial_state);
 }
 
 }  // namespace
@@ -203,6 +207,26 @@ TEST_CASE("two ranks over the halves of a batch equal one rank over the whole: N
   }
   mr::RouterConfig gcfg{.num_experts = 64, .top_k = 6};
   two_halves_equal_whole<mr::TopK<mr::runtime_k>, mr::NoBalancing>(gcfg, {}, mr::MpiComm::Order::native, 300, 1);
+}
+
+TEST_CASE("two ranks over the halves of a batch equal one rank over the whole: SwitchAux (global batch)") {
+  REQUIRE(world_size() == 2);
+  mr::RouterConfig cfg{.num_experts = 16, .renormalize = true};
+  for (auto order : {mr::MpiComm::Order::native, mr::MpiComm::Order::rank_ordered})
+    two_halves_equal_whole<mr::TopK<2>, mr::SwitchAux>(cfg, {.alpha = 0.05f}, order, 512, 3);
+  mr::RouterConfig scfg{.num_experts = 24};
+  two_halves_equal_whole<mr::TopK<3>, mr::SwitchAux, mr::Sigmoid>(scfg, {}, mr::MpiComm::Order::native, 256, 2);
+}
+
+TEST_CASE("two ranks over the halves of a batch equal one rank over the whole: LossFree") {
+  REQUIRE(world_size() == 2);
+  // a large rate so the bias moves the selection within a few steps
+  mr::RouterConfig cfg{.num_experts = 16, .renormalize = true};
+  for (auto order : {mr::MpiComm::Order::native, mr::MpiComm::Order::rank_ordered})
+    two_halves_equal_whole<mr::TopK<2>, mr::LossFree<>>(cfg, {.update_rate = 0.05f}, order, 512, 5);
+  mr::RouterConfig scfg{.num_experts = 32, .renormalize = true};
+  two_halves_equal_whole<mr::TopK<4>, mr::LossFree<mr::ProportionalStep>, mr::Sigmoid>(
+      scfg, {.update_rate = 0.02f}, mr::MpiComm::Order::native, 256, 4);
 }
 
 int main(int argc, char** argv) {
