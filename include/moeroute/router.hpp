@@ -5,7 +5,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "backend/reference/engine.hpp"
@@ -15,6 +17,7 @@
 #include "core.hpp"
 #include "routing.hpp"
 #include "scoring.hpp"
+#include "state.hpp"
 
 namespace moeroute {
 
@@ -197,6 +200,58 @@ class Router {
   /// The balancing update, once per optimizer step (after the micro-batches' backward).
   void step() {
     if constexpr (detail::has_step<Balancing>) balancer_.step();
+    ++steps_;
+  }
+
+  /// Number of `step` calls so far (saved in checkpoints).
+  [[nodiscard]] std::uint64_t step_count() const noexcept { return steps_; }
+
+  /// The balancing policy's identity in checkpoints (e.g. "phi<entropy,ema>+z_loss").
+  [[nodiscard]] static std::string policy_id() { return detail::balancer_id<Balancing>(); }
+
+  /// The balancing state (φ's m, Loss-Free's bias, pending accumulators, the step count) as a
+  /// versioned, checksummed blob (see state.hpp). Take it after `step`, like the optimizer's.
+  [[nodiscard]] std::vector<std::byte> save_state() const {
+    StateWriter w;
+    if constexpr (requires { balancer_.save(w); }) balancer_.save(w);
+    return detail::seal_state(w.bytes(), config_.num_experts, steps_, policy_id());
+  }
+  /// Callback form: `sink` receives the blob (once, whole).
+  void save_state(const std::function<void(std::span<const std::byte>)>& sink) const {
+    const std::vector<std::byte> blob = save_state();
+    sink(std::span<const std::byte>(blob));
+  }
+
+  /// Restores a state saved by a router of the same E and balancing policy. Throws
+  /// checkpoint_error for another E, policy or format version, or a corrupt blob; the router
+  /// is unchanged then (the state is loaded into a copy and committed at the end).
+  void load_state(std::span<const std::byte> blob) {
+    StateHeader header;
+    StateReader r = detail::open_state(blob, config_.num_experts, policy_id(), header);
+    if constexpr (requires(StateReader& rr) { balancer_.load(rr); }) {
+      static_assert(std::is_copy_constructible_v<Balancing> && std::is_move_assignable_v<Balancing>,
+                    "Router::load_state: the balancer must be copyable (it is loaded into a copy first)");
+      Balancing staged = balancer_;
+      staged.load(r);
+      r.expect_end();
+      balancer_ = std::move(staged);
+    } else {
+      r.expect_end();
+    }
+    steps_ = header.steps;
+  }
+  /// Callback form: `source(buffer)` fills up to buffer.size() bytes and returns how many it
+  /// wrote, 0 at the end of the state.
+  void load_state(const std::function<std::size_t(std::span<std::byte>)>& source) {
+    std::vector<std::byte> blob;
+    std::byte chunk[4096];
+    for (;;) {
+      const std::size_t n = source(std::span<std::byte>(chunk));
+      if (n == 0) break;
+      detail::require(n <= sizeof(chunk), "source", "returned ", n, " bytes for a buffer of ", sizeof(chunk));
+      blob.insert(blob.end(), chunk, chunk + n);
+    }
+    load_state(std::span<const std::byte>(blob));
   }
 
  private:
@@ -271,6 +326,7 @@ class Router {
   Comm comm_;
   engine_type engine_;
   bool training_ = true;
+  std::uint64_t steps_ = 0;
   std::vector<float> bias_, offset_, dprob_, dprob_seq_;
   std::vector<double> reduce_f64_;
   std::vector<std::int64_t> reduce_i64_;

@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "../concepts.hpp"
+#include "../state.hpp"
 
 namespace moeroute {
 
@@ -18,7 +19,8 @@ class Balancers {
   static_assert(sizeof...(Bs) >= 1, "Balancers<...> needs at least one balancer");
   static_assert((int(detail::has_logit_offset<Bs>) + ... + 0) <= 1,
                 "Balancers<...>: at most one member may supply a logit-space selection key (e.g. Sinkhorn)");
-  static_assert((int(detail::has_logit_offset<Bs>) + ... + 0) == 0 || (int(detail::has_selection_bias<Bs>) + ... + 0) == 0,
+  static_assert((int(detail::has_logit_offset<Bs>) + ... + 0) == 0 ||
+                    (int(detail::has_selection_bias<Bs>) + ... + 0) == 0,
                 "Balancers<...>: a logit-space selection key (Sinkhorn) cannot be combined with a score-space bias");
 
  public:
@@ -56,17 +58,22 @@ class Balancers {
     return s;
   }
 
-  void selection_bias(std::span<float> b) const
-    requires(detail::has_selection_bias<Bs> || ...)
-  {
+  /// Identity of the composition for checkpoints: the members' identities joined by '+'
+  /// (e.g. "phi<entropy,ema>+z_loss").
+  [[nodiscard]] static std::string identity() {
+    std::string s;
+    ((s += (s.empty() ? "" : "+"), s += detail::balancer_id<Bs>()), ...);
+    return s;
+  }
+
+  void selection_bias(std::span<float> b) const requires(detail::has_selection_bias<Bs> || ...) {
     each([&](const auto& m) {
       if constexpr (detail::has_selection_bias<std::decay_t<decltype(m)>>) m.selection_bias(b);
     });
   }
   /// The one member's logit-space offset; returns whether it applies to this batch.
-  bool selection_logit_offset(MatrixView<const float> z, std::span<float> c, bool training)
-    requires(detail::has_logit_offset<Bs> || ...)
-  {
+  bool selection_logit_offset(MatrixView<const float> z, std::span<float> c,
+                              bool training) requires(detail::has_logit_offset<Bs> || ...) {
     bool applies = false;
     each([&](auto& m) {
       if constexpr (detail::has_logit_offset<std::decay_t<decltype(m)>>)
@@ -74,32 +81,24 @@ class Balancers {
     });
     return applies;
   }
-  float aux_loss(const BalanceStats& s, AuxGradient& g) const
-    requires(detail::has_aux_loss<Bs> || ...)
-  {
+  float aux_loss(const BalanceStats& s, AuxGradient& g) const requires(detail::has_aux_loss<Bs> || ...) {
     float total = 0.0f;
     each([&](const auto& m) {
       if constexpr (detail::has_aux_loss<std::decay_t<decltype(m)>>) total += m.aux_loss(s, g);
     });
     return total;
   }
-  void observe(const BalanceStats& s)
-    requires(detail::has_observe<Bs> || ...)
-  {
+  void observe(const BalanceStats& s) requires(detail::has_observe<Bs> || ...) {
     each([&](auto& m) {
       if constexpr (detail::has_observe<std::decay_t<decltype(m)>>) m.observe(s);
     });
   }
-  void step()
-    requires(detail::has_step<Bs> || ...)
-  {
+  void step() requires(detail::has_step<Bs> || ...) {
     each([&](auto& m) {
       if constexpr (detail::has_step<std::decay_t<decltype(m)>>) m.step();
     });
   }
-  void reset()
-    requires(detail::has_reset<Bs> || ...)
-  {
+  void reset() requires(detail::has_reset<Bs> || ...) {
     each([&](auto& m) {
       if constexpr (detail::has_reset<std::decay_t<decltype(m)>>) m.reset();
     });
