@@ -1,0 +1,321 @@
+// train_moe — a small byte-level Mixture-of-Experts language model with its full backward in
+// C++ (Eigen for the dense algebra, moeroute's Router for routing and the router gradient),
+// and AdamW.
+//
+//   x0 = Σ_c Emb_c[byte t−1−c]                       (c < context: position-specific tables)
+//   x_{l+1} = x_l + Σ_j g_{t,j} · FFN_{e_{t,j}}(rms(x_l)),   (e, g) = Router(rms(x_l) · W_r)
+//   p(byte t) = softmax(rms(x_L) · W_o + b_o)
+//
+// FFN_e(u) = relu(u W1_e + b1_e) W2_e + b2_e. Each expert takes at most
+// C = ceil(capacity_factor · T · k / E) assignments in token order; the rest are dropped
+// (the token skips that expert, its gate gets no gradient).
+#pragma once
+
+#include <Eigen/Dense>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <moeroute/moeroute.hpp>
+#include <random>
+#include <vector>
+
+#include "data.hpp"
+
+namespace train_moe {
+
+using Mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using RowVec = Eigen::Matrix<float, 1, Eigen::Dynamic>;
+
+/// A trainable tensor with its gradient and AdamW moments.
+struct Param {
+  Mat w, g, m, v;
+  bool decay = true;  ///< weight decay applies (matrices), or not (biases, embeddings)
+  void init(int rows, int cols, float stddev, std::mt19937_64& rng, bool with_decay) {
+    std::normal_distribution<float> n(0.0f, 1.0f);
+    w.resize(rows, cols);
+    for (Eigen::Index i = 0; i < w.size(); ++i) w.data()[i] = stddev > 0.0f ? stddev * n(rng) : 0.0f;
+    g = Mat::Zero(rows, cols);
+    m = Mat::Zero(rows, cols);
+    v = Mat::Zero(rows, cols);
+    decay = with_decay;
+  }
+};
+
+/// AdamW (decoupled weight decay) over a set of parameters.
+struct AdamW {
+  float beta1 = 0.9f, beta2 = 0.99f, eps = 1e-8f, weight_decay = 0.01f;
+  long t = 0;
+  void step(const std::vector<Param*>& params, float lr) {
+    ++t;
+    const float c1 = 1.0f - std::pow(beta1, float(t)), c2 = 1.0f - std::pow(beta2, float(t));
+    for (Param* p : params) {
+      p->m = beta1 * p->m + (1.0f - beta1) * p->g;
+      p->v = beta2 * p->v + (1.0f - beta2) * p->g.cwiseProduct(p->g);
+      if (p->decay) p->w *= 1.0f - lr * weight_decay;
+      p->w.array() -= lr * (p->m.array() / c1) / ((p->v.array() / c2).sqrt() + eps);
+    }
+  }
+};
+
+/// Shape of the model.
+struct ModelConfig {
+  int d = 64;                     ///< hidden size
+  int hidden = 128;               ///< expert FFN hidden size
+  int experts = 16;               ///< E
+  int top_k = 2;                  ///< k
+  int layers = 2;                 ///< MoE FFN layers
+  int context = 8;                ///< previous bytes seen by the model
+  float capacity_factor = 1.25f;  ///< expert capacity C = ceil(cf · T · k / E)
+};
+
+/// RMS normalisation without gain: u = x / sqrt(mean(x²) + ε), row by row.
+inline void rms_forward(const Mat& x, Mat& u, RowVec& inv) {
+  inv.resize(x.rows());
+  u.resize(x.rows(), x.cols());
+  for (Eigen::Index t = 0; t < x.rows(); ++t) {
+    inv(t) = 1.0f / std::sqrt(x.row(t).squaredNorm() / float(x.cols()) + 1e-6f);
+    u.row(t) = x.row(t) * inv(t);
+  }
+}
+/// Backward of rms_forward: dx = r · (du − u · mean(du ⊙ u)), added into `dx`.
+inline void rms_backward_add(const Mat& u, const RowVec& inv, const Mat& du, Mat& dx) {
+  for (Eigen::Index t = 0; t < u.rows(); ++t) {
+    const float mean = du.row(t).dot(u.row(t)) / float(u.cols());
+    dx.row(t) += inv(t) * (du.row(t) - mean * u.row(t));
+  }
+}
+
+/// Per-batch load statistics of one MoE layer.
+struct LayerStats {
+  std::vector<double> counts;  ///< assignments per expert chosen by the router (before capacity)
+  std::int64_t dropped = 0;    ///< assignments over capacity
+  std::int64_t assignments = 0;
+  float aux_loss = 0.0f;
+};
+
+/// One residual MoE FFN layer routed by `RouterT` (a moeroute::Router). Extra balancing terms
+/// on the router weight (SimBal) are added by the `WeightRegulariser` hook of the policy.
+template <class RouterT>
+class MoeLayer {
+ public:
+  MoeLayer(const ModelConfig& c, const typename RouterT::balancer_type::Config& balancing, std::mt19937_64& rng)
+      : c_(c),
+        router_(moeroute::RouterConfig{.num_experts = c.experts, .top_k = c.top_k, .renormalize = true}, balancing) {
+    wr.init(c.d, c.experts, 1.0f / std::sqrt(float(c.d)), rng, true);
+    w1.resize(std::size_t(c.experts));
+    b1.resize(std::size_t(c.experts));
+    w2.resize(std::size_t(c.experts));
+    b2.resize(std::size_t(c.experts));
+    for (int e = 0; e < c.experts; ++e) {
+      w1[std::size_t(e)].init(c.d, c.hidden, 1.0f / std::sqrt(float(c.d)), rng, true);
+      b1[std::size_t(e)].init(1, c.hidden, 0.0f, rng, false);
+      w2[std::size_t(e)].init(c.hidden, c.d, 0.5f / std::sqrt(float(c.hidden)), rng, true);
+      b2[std::size_t(e)].init(1, c.d, 0.0f, rng, false);
+    }
+    experts_.resize(std::size_t(c.experts));
+  }
+
+  RouterT& router() { return router_; }
+  const moeroute::RoutingView& routing() const { return routing_; }
+  /// The router's weight W_r [d, E] (logits = rms(x) · W_r).
+  Param wr;
+  std::vector<Param> w1, b1, w2, b2;
+
+  void collect(std::vector<Param*>& out) {
+    out.push_back(&wr);
+    for (std::size_t e = 0; e < w1.size(); ++e) {
+      out.push_back(&w1[e]);
+      out.push_back(&b1[e]);
+      out.push_back(&w2[e]);
+      out.push_back(&b2[e]);
+    }
+  }
+
+  /// y = x + MoE(rms(x)); records what backward needs and the batch's load statistics.
+  void forward(const Mat& x, Mat& y, LayerStats& stats) {
+    const int T = int(x.rows()), E = c_.experts, k = c_.top_k;
+    rms_forward(x, u_, inv_);
+    logits_.noalias() = u_ * wr.w;
+    routing_ = router_.make_output(buffers_, T);
+    router_.route(moeroute::MatrixView<const float>(logits_.data(), T, E), routing_);
+
+    // capacity, in token order
+    const int cap = int(std::ceil(double(c_.capacity_factor) * double(T) * double(k) / double(E)));
+    for (auto& ex : experts_) ex.slots.clear();
+    stats.counts.assign(std::size_t(E), 0.0);
+    stats.dropped = 0;
+    stats.assignments = std::int64_t(T) * k;
+    stats.aux_loss = routing_.aux_loss;
+    for (int t = 0; t < T; ++t)
+      for (int j = 0; j < k; ++j) {
+        const int e = routing_.ids[std::size_t(t * k + j)];
+        stats.counts[std::size_t(e)] += 1.0;
+        auto& s = experts_[std::size_t(e)].slots;
+        if (int(s.size()) < cap)
+          s.push_back(t * k + j);
+        else
+          ++stats.dropped;
+      }
+
+    y = x;
+    for (int e = 0; e < E; ++e) {
+      Expert& ex = experts_[std::size_t(e)];
+      const int n = int(ex.slots.size());
+      if (n == 0) continue;
+      ex.x.resize(n, c_.d);
+      for (int r = 0; r < n; ++r) ex.x.row(r) = u_.row(ex.slots[std::size_t(r)] / k);
+      ex.a.noalias() = ex.x * w1[std::size_t(e)].w;
+      ex.a.rowwise() += RowVec(b1[std::size_t(e)].w);
+      ex.h = ex.a.cwiseMax(0.0f);
+      ex.y.noalias() = ex.h * w2[std::size_t(e)].w;
+      ex.y.rowwise() += RowVec(b2[std::size_t(e)].w);
+      for (int r = 0; r < n; ++r) {
+        const int slot = ex.slots[std::size_t(r)];
+        y.row(slot / k) += routing_.gates[std::size_t(slot)] * ex.y.row(r);
+      }
+    }
+  }
+
+  /// From ∂L/∂y to ∂L/∂x (written), accumulating parameter gradients.
+  void backward(const Mat& dy, Mat& dx) {
+    const int T = int(dy.rows()), E = c_.experts, k = c_.top_k;
+    du_ = Mat::Zero(T, c_.d);
+    dgates_ = Mat::Zero(T, k);  // dropped assignments keep a zero gate gradient
+    for (int e = 0; e < E; ++e) {
+      Expert& ex = experts_[std::size_t(e)];
+      const int n = int(ex.slots.size());
+      if (n == 0) continue;
+      dye_.resize(n, c_.d);
+      for (int r = 0; r < n; ++r) {
+        const int slot = ex.slots[std::size_t(r)];
+        dye_.row(r) = routing_.gates[std::size_t(slot)] * dy.row(slot / k);
+        dgates_(slot / k, slot % k) = dy.row(slot / k).dot(ex.y.row(r));
+      }
+      w2[std::size_t(e)].g.noalias() += ex.h.transpose() * dye_;
+      b2[std::size_t(e)].g += dye_.colwise().sum();
+      dh_.noalias() = dye_ * w2[std::size_t(e)].w.transpose();
+      dh_ = (ex.a.array() > 0.0f).select(dh_, 0.0f);
+      w1[std::size_t(e)].g.noalias() += ex.x.transpose() * dh_;
+      b1[std::size_t(e)].g += dh_.colwise().sum();
+      dxe_.noalias() = dh_ * w1[std::size_t(e)].w.transpose();
+      for (int r = 0; r < n; ++r) du_.row(ex.slots[std::size_t(r)] / k) += dxe_.row(r);
+    }
+    dlogits_.resize(T, E);
+    router_.backward(moeroute::MatrixView<const float>(logits_.data(), T, E), routing_,
+                     moeroute::MatrixView<const float>(dgates_.data(), T, k),
+                     moeroute::MatrixView<float>(dlogits_.data(), T, E));
+    wr.g.noalias() += u_.transpose() * dlogits_;
+    du_.noalias() += dlogits_ * wr.w.transpose();
+    dx = dy;
+    rms_backward_add(u_, inv_, du_, dx);
+  }
+
+ private:
+  struct Expert {
+    std::vector<int> slots;  // assignment indices t·k + j, token-ascending
+    Mat x, a, h, y;
+  };
+  ModelConfig c_;
+  RouterT router_;
+  moeroute::RoutingBuffers buffers_;
+  moeroute::RoutingView routing_;
+  std::vector<Expert> experts_;
+  Mat u_, logits_, du_, dgates_, dye_, dh_, dxe_, dlogits_;
+  RowVec inv_;
+};
+
+/// The language model: embeddings, `layers` MoE layers, output softmax over 256 bytes.
+template <class RouterT>
+class Model {
+ public:
+  using Layer = MoeLayer<RouterT>;
+
+  Model(const ModelConfig& c, const typename RouterT::balancer_type::Config& balancing, std::uint64_t seed) : c_(c) {
+    std::mt19937_64 rng(seed);
+    emb_.resize(std::size_t(c.context));
+    for (auto& p : emb_) p.init(256, c.d, 1.0f / std::sqrt(float(c.context)), rng, false);
+    for (int l = 0; l < c.layers; ++l) layers_.push_back(std::make_unique<Layer>(c, balancing, rng));
+    wo_.init(c.d, 256, 1.0f / std::sqrt(float(c.d)), rng, true);
+    bo_.init(1, 256, 0.0f, rng, false);
+    for (auto& p : emb_) params_.push_back(&p);
+    for (auto& l : layers_) l->collect(params_);
+    params_.push_back(&wo_);
+    params_.push_back(&bo_);
+    stats_.resize(std::size_t(c.layers));
+  }
+
+  [[nodiscard]] const ModelConfig& config() const { return c_; }
+  [[nodiscard]] const std::vector<Param*>& params() const { return params_; }
+  [[nodiscard]] std::vector<std::unique_ptr<Layer>>& layers() { return layers_; }
+  /// Load statistics of the last forward, one per layer.
+  [[nodiscard]] const std::vector<LayerStats>& stats() const { return stats_; }
+
+  /// Training (aux losses, balancing updates) or evaluation mode for every router.
+  void set_training(bool on) {
+    for (auto& l : layers_) l->router().set_training(on);
+  }
+
+  /// Mean cross-entropy (nats per byte) of the batch; keeps what backward needs.
+  double forward(const Batch& b) {
+    const int T = b.size(), n = b.context_length;
+    xs_.resize(std::size_t(c_.layers) + 1);
+    Mat& x0 = xs_[0];
+    x0 = Mat::Zero(T, c_.d);
+    for (int t = 0; t < T; ++t)
+      for (int c = 0; c < n && c < c_.context; ++c)
+        x0.row(t) += emb_[std::size_t(c)].w.row(b.context[std::size_t(t * n + c)]);
+    for (int l = 0; l < c_.layers; ++l)
+      layers_[std::size_t(l)]->forward(xs_[std::size_t(l)], xs_[std::size_t(l) + 1], stats_[std::size_t(l)]);
+    rms_forward(xs_.back(), uo_, invo_);
+    probs_.noalias() = uo_ * wo_.w;
+    probs_.rowwise() += RowVec(bo_.w);
+    double loss = 0.0;
+    for (int t = 0; t < T; ++t) {
+      auto row = probs_.row(t);
+      const float mx = row.maxCoeff();
+      row = (row.array() - mx).exp();
+      const float s = row.sum();
+      row /= s;
+      loss -= std::log(std::max(double(row(b.target[std::size_t(t)])), 1e-30));
+    }
+    return loss / T;
+  }
+
+  /// Backward of the mean cross-entropy of the last forward (plus the routers' aux losses,
+  /// which Router::backward adds); accumulates into the parameter gradients.
+  void backward(const Batch& b) {
+    const int T = b.size(), n = b.context_length;
+    Mat& dlo = probs_;  // softmax − onehot, over T
+    for (int t = 0; t < T; ++t) dlo(t, b.target[std::size_t(t)]) -= 1.0f;
+    dlo /= float(T);
+    wo_.g.noalias() += uo_.transpose() * dlo;
+    bo_.g += dlo.colwise().sum();
+    duo_.noalias() = dlo * wo_.w.transpose();
+    dx_ = Mat::Zero(T, c_.d);
+    rms_backward_add(uo_, invo_, duo_, dx_);
+    for (int l = c_.layers - 1; l >= 0; --l) {
+      layers_[std::size_t(l)]->backward(dx_, dx2_);
+      dx_.swap(dx2_);
+    }
+    for (int t = 0; t < T; ++t)
+      for (int c = 0; c < n && c < c_.context; ++c)
+        emb_[std::size_t(c)].g.row(b.context[std::size_t(t * n + c)]) += dx_.row(t);
+  }
+
+  void zero_grad() {
+    for (Param* p : params_) p->g.setZero();
+  }
+
+ private:
+  ModelConfig c_;
+  std::vector<Param> emb_;
+  std::vector<std::unique_ptr<Layer>> layers_;
+  Param wo_, bo_;
+  std::vector<Param*> params_;
+  std::vector<LayerStats> stats_;
+  std::vector<Mat> xs_;
+  Mat uo_, probs_, duo_, dx_, dx2_;
+  RowVec invo_;
+};
+
+}  // namespace train_moe
