@@ -13,6 +13,7 @@
 #include "comm/nocomm.hpp"
 #include "concepts.hpp"
 #include "core.hpp"
+#include "dispatch.hpp"
 #include "linear_gate.hpp"
 #include "metrics.hpp"
 #include "potentials.hpp"
