@@ -60,7 +60,10 @@ class Sinkhorn {
  public:
   struct Config {
     /// Stop when mean_e |d¹ − d¹_prev| < tol. tol = 0 never stops early: it runs max_iters
-    /// iterations, which requires on_no_convergence = report.
+    /// iterations, which requires on_no_convergence = report. Keep tol well above ~100·ε:
+    /// the ε terms make d¹ drift by about 1e-7 per iteration, so tol = 1e-7 is never met.
+    /// Logits spread over hundreds within a token converge only sublinearly (exp(Z) spans
+    /// e^400); such batches hit the cap.
     double tol = 1e-4;
     /// ε in both denominators (Megatron-Core's 1e-8).
     double eps = 1e-8;
@@ -70,8 +73,9 @@ class Sinkhorn {
   };
   static constexpr const char* name = "sinkhorn";
 
-  /// Throws invalid_argument naming a bad setting.
+  /// Sinkhorn with the default settings.
   explicit Sinkhorn(index_t num_experts) : Sinkhorn(num_experts, Config{}) {}
+  /// Throws invalid_argument naming a bad setting.
   Sinkhorn(index_t num_experts, const Config& config) : experts_(num_experts), config_(config) {
     detail::require(num_experts >= 1, "num_experts", "E = ", num_experts, " must be >= 1");
     detail::require(std::isfinite(config.tol) && config.tol >= 0.0, "tol", "Sinkhorn tol = ", config.tol,
