@@ -198,12 +198,12 @@ void write_outputs(const Cli& cli, const Corpus& corpus, const std::vector<RunRe
   {
     std::ofstream f(fs::path(cli.out) / "summary.csv");
     f << "run,policy,decay,train_loss,heldout_loss,maxvio_global_heldout,maxvio_batch_training,gini_training,"
-         "load_entropy_heldout,dropped_training,dropped_heldout,specialisation_mi,seconds\n";
+         "load_entropy_heldout,dropped_training,dropped_heldout,specialisation_mi,expert_similarity,seconds\n";
     for (const auto& r : runs)
       f << r.name << ',' << r.policy << ',' << r.decay << ',' << r.train.loss << ',' << r.held_out.loss << ','
         << r.held_out.maxvio << ',' << r.maxvio_training << ',' << r.gini_training << ',' << r.held_out.entropy << ','
-        << r.dropped_training << ',' << r.held_out.dropped << ',' << r.held_out.specialisation << ',' << r.seconds
-        << '\n';
+        << r.dropped_training << ',' << r.held_out.dropped << ',' << r.held_out.specialisation << ',' << r.similarity
+        << ',' << r.seconds << '\n';
   }
   {
     std::ofstream f(fs::path(cli.out) / "loads.csv");

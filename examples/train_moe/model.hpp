@@ -15,8 +15,10 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <moeroute/balancing/simbal.hpp>
 #include <moeroute/moeroute.hpp>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 #include "data.hpp"
@@ -87,21 +89,24 @@ inline void rms_backward_add(const Mat& u, const RowVec& inv, const Mat& du, Mat
 
 /// Per-batch load statistics of one MoE layer.
 struct LayerStats {
-  std::vector<double> counts;  ///< assignments per expert chosen by the router (before capacity)
-  std::int64_t dropped = 0;    ///< assignments over capacity
+  std::vector<std::int64_t> counts;  ///< assignments per expert chosen by the router (before capacity)
+  std::int64_t dropped = 0;          ///< assignments over capacity
   std::int64_t assignments = 0;
   float aux_loss = 0.0f;
 };
 
-/// One residual MoE FFN layer routed by `RouterT` (a moeroute::Router). Extra balancing terms
-/// on the router weight (SimBal) are added by the `WeightRegulariser` hook of the policy.
+/// One residual MoE FFN layer routed by `RouterT` (a moeroute::Router). A SimBal balancer is
+/// bound to the router weight W_r and adds its gradient to W_r's.
 template <class RouterT>
 class MoeLayer {
  public:
+  static constexpr bool uses_simbal = std::is_same_v<typename RouterT::balancer_type, moeroute::SimBal>;
+
   MoeLayer(const ModelConfig& c, const typename RouterT::balancer_type::Config& balancing, std::mt19937_64& rng)
       : c_(c),
         router_(moeroute::RouterConfig{.num_experts = c.experts, .top_k = c.top_k, .renormalize = true}, balancing) {
     wr.init(c.d, c.experts, 1.0f / std::sqrt(float(c.d)), rng, true);
+    if constexpr (uses_simbal) router_.balancer().bind(moeroute::MatrixView<const float>(wr.w.data(), c.d, c.experts));
     w1.resize(std::size_t(c.experts));
     b1.resize(std::size_t(c.experts));
     w2.resize(std::size_t(c.experts));
@@ -142,14 +147,14 @@ class MoeLayer {
     // capacity, in token order
     const int cap = int(std::ceil(double(c_.capacity_factor) * double(T) * double(k) / double(E)));
     for (auto& ex : experts_) ex.slots.clear();
-    stats.counts.assign(std::size_t(E), 0.0);
+    stats.counts.assign(std::size_t(E), 0);
     stats.dropped = 0;
     stats.assignments = std::int64_t(T) * k;
     stats.aux_loss = routing_.aux_loss;
     for (int t = 0; t < T; ++t)
       for (int j = 0; j < k; ++j) {
         const int e = routing_.ids[std::size_t(t * k + j)];
-        stats.counts[std::size_t(e)] += 1.0;
+        ++stats.counts[std::size_t(e)];
         auto& s = experts_[std::size_t(e)].slots;
         if (int(s.size()) < cap)
           s.push_back(t * k + j);
@@ -205,6 +210,8 @@ class MoeLayer {
                      moeroute::MatrixView<const float>(dgates_.data(), T, k),
                      moeroute::MatrixView<float>(dlogits_.data(), T, E));
     wr.g.noalias() += u_.transpose() * dlogits_;
+    if constexpr (uses_simbal)
+      if (router_.training()) router_.balancer().add_weight_gradient(moeroute::MatrixView<float>(wr.g.data(), c_.d, E));
     du_.noalias() += dlogits_ * wr.w.transpose();
     dx = dy;
     rms_backward_add(u_, inv_, du_, dx);

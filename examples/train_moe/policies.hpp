@@ -6,6 +6,7 @@
 #include <moeroute/balancing/loss_free.hpp>
 #include <moeroute/balancing/none.hpp>
 #include <moeroute/balancing/phi.hpp>
+#include <moeroute/balancing/simbal.hpp>
 #include <moeroute/balancing/sinkhorn.hpp>
 #include <moeroute/balancing/switch_aux.hpp>
 #include <moeroute/balancing/zloss.hpp>
@@ -18,10 +19,11 @@ namespace train_moe {
 
 /// Hyper-parameters of the policies, shared so that every policy is compared at the same α.
 struct Hyper {
-  float alpha = 1e-2f;        ///< aux-loss coefficient of SwitchAux and φ-balancing (both papers' 1e-2)
-  float decay = 0.65f;        ///< φ-balancing's ρ, the EMA's weight on history
-  float update_rate = 1e-3f;  ///< Loss-Free's u
-  float z_beta = 1e-3f;       ///< ZLoss's β
+  float alpha = 1e-2f;          ///< aux-loss coefficient of SwitchAux and φ-balancing (both papers' 1e-2)
+  float decay = 0.65f;          ///< φ-balancing's ρ, the EMA's weight on history
+  float update_rate = 1e-3f;    ///< Loss-Free's u
+  float z_beta = 1e-3f;         ///< ZLoss's β
+  float simbal_lambda = 1e-2f;  ///< SimBal's λ
 };
 
 // Each policy: a name for the command line, a balancer type, its config from Hyper, and
@@ -67,6 +69,13 @@ inline constexpr char phi_power3_name[] = "phi-power3";
 using PolicyPhiEntropy = PolicyPhi<moeroute::Entropy, phi_entropy_name>;
 using PolicyPhiSquared = PolicyPhi<moeroute::Squared, phi_squared_name>;
 using PolicyPhiPower3 = PolicyPhi<moeroute::Power<3.0>, phi_power3_name>;
+/// SimBal: the orthogonality regulariser λ‖W_rᵀW_r − I‖₁ on the router weight.
+struct PolicySimBal {
+  static constexpr const char* name = "simbal";
+  using balancer = moeroute::SimBal;
+  static constexpr bool uses_decay = false;
+  static balancer::Config config(const Hyper& h) { return {.lambda = h.simbal_lambda}; }
+};
 /// A composition: φ-balancing with Entropy plus the router z-loss.
 struct PolicyPhiEntropyZ {
   static constexpr const char* name = "phi-entropy+z";
@@ -93,7 +102,7 @@ struct PolicySinkhorn {
 
 /// The policies compiled into the experiment, in the order of the default run.
 using AllPolicies = std::tuple<PolicyNone, PolicySwitch, PolicyLossFree, PolicyPhiEntropy, PolicyPhiSquared,
-                               PolicyPhiPower3, PolicyPhiEntropyZ, PolicySinkhorn>;
+                               PolicyPhiPower3, PolicySimBal, PolicyPhiEntropyZ, PolicySinkhorn>;
 
 /// Names of every compiled policy, in order.
 inline std::vector<std::string> policy_names() {

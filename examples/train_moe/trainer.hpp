@@ -5,14 +5,15 @@
 #include <cmath>
 #include <cstdio>
 #include <functional>
+#include <moeroute/metrics.hpp>
 #include <numeric>
 #include <string>
 #include <vector>
 
 #include "data.hpp"
-#include "load_stats.hpp"
 #include "model.hpp"
 #include "policies.hpp"
+#include "specialisation.hpp"
 
 namespace train_moe {
 
@@ -42,7 +43,7 @@ struct EvalResult {
   double entropy = 0;         ///< normalised entropy of those loads, mean over layers
   double dropped = 0;         ///< fraction of assignments over capacity
   double specialisation = 0;  ///< I(domain; expert) / H(domain), mean over layers
-  std::vector<std::vector<double>> loads;             ///< [layer][expert] assignments
+  std::vector<std::vector<std::int64_t>> loads;       ///< [layer][expert] assignments
   std::vector<std::vector<double>> domain_top_share;  ///< [layer][domain] share of the domain's top expert
 };
 
@@ -56,6 +57,7 @@ struct RunResult {
   double gini_training = 0;     ///< mean over steps of the batch Gini
   double maxvio_training = 0;   ///< mean over steps of the batch MaxVio
   double dropped_training = 0;  ///< mean over steps of the dropped fraction
+  double similarity = 0;  ///< mean |cos| between the experts' router directions (columns of W_r), mean over layers
   double seconds = 0;
 };
 
@@ -64,7 +66,7 @@ template <class RouterT>
 EvalResult evaluate(Model<RouterT>& model, const Batch& data, int batch, int domains) {
   const ModelConfig& c = model.config();
   EvalResult r;
-  r.loads.assign(std::size_t(c.layers), std::vector<double>(std::size_t(c.experts), 0.0));
+  r.loads.assign(std::size_t(c.layers), std::vector<std::int64_t>(std::size_t(c.experts), 0));
   std::vector<std::vector<double>> joint(std::size_t(c.layers),
                                          std::vector<double>(std::size_t(domains * c.experts), 0.0));
   model.set_training(false);
@@ -87,7 +89,7 @@ EvalResult evaluate(Model<RouterT>& model, const Batch& data, int batch, int dom
       for (int t = 0; t < T; ++t)
         for (int j = 0; j < c.top_k; ++j) {
           const int e = ids[std::size_t(t * c.top_k + j)];
-          r.loads[std::size_t(l)][std::size_t(e)] += 1.0;
+          ++r.loads[std::size_t(l)][std::size_t(e)];
           joint[std::size_t(l)][std::size_t(b.domain[std::size_t(t)] * c.experts + e)] += 1.0;
         }
     }
@@ -96,8 +98,9 @@ EvalResult evaluate(Model<RouterT>& model, const Batch& data, int batch, int dom
   r.loss = n > 0 ? loss / n : 0.0;
   r.dropped = assignments > 0 ? dropped / assignments : 0.0;
   for (int l = 0; l < c.layers; ++l) {
-    r.maxvio += max_violation(r.loads[std::size_t(l)]) / c.layers;
-    r.entropy += load_entropy(r.loads[std::size_t(l)]) / c.layers;
+    const moeroute::LoadStats st = moeroute::load_stats(r.loads[std::size_t(l)]);
+    r.maxvio += st.max_vio / c.layers;
+    r.entropy += st.entropy / c.layers;
     r.specialisation += domain_expert_information(joint[std::size_t(l)], domains, c.experts) / c.layers;
     std::vector<double> share(std::size_t(domains), 0.0);
     for (int d = 0; d < domains; ++d) {
@@ -151,10 +154,11 @@ RunResult train_run(const Corpus& corpus, const TrainOptions& o, const std::stri
     opt.step(model.params(), float(s.lr));
     for (auto& layer : model.layers()) layer->router().step();
     for (const LayerStats& ls : model.stats()) {
+      const moeroute::LoadStats st = moeroute::load_stats(ls.counts);
       s.aux += ls.aux_loss;
-      s.maxvio += max_violation(ls.counts) / L;
-      s.gini += gini(ls.counts) / L;
-      s.entropy += load_entropy(ls.counts) / L;
+      s.maxvio += st.max_vio / L;
+      s.gini += st.gini / L;
+      s.entropy += st.entropy / L;
       s.dropped += double(ls.dropped) / double(std::max<std::int64_t>(1, ls.assignments)) / L;
     }
     if (!std::isfinite(s.loss))
@@ -179,6 +183,11 @@ RunResult train_run(const Corpus& corpus, const TrainOptions& o, const std::stri
     res.maxvio_training += s.maxvio / double(res.log.size());
     res.dropped_training += s.dropped / double(res.log.size());
   }
+  for (auto& layer : model.layers())
+    res.similarity +=
+        moeroute::expert_similarity(moeroute::MatrixView<const float>(layer->wr.w.data(), o.model.d, o.model.experts))
+            .mean_abs_cosine /
+        L;
   // the same number of examples from the training split, at fixed positions
   std::mt19937_64 eval_rng(o.seed + 7);
   const Batch train_sample = corpus.train_batch(o.eval_per_domain * corpus.num_domains(), o.model.context, eval_rng);
