@@ -73,9 +73,12 @@ struct GroupTopK {
     std::int32_t chosen[TopGroups];
     std::uint8_t gtaken[Groups];
     detail::reference_topk_row(gs, Groups, TopGroups, chosen, gtaken);
-    std::fill(eligible, eligible + experts, std::uint8_t(0));
-    for (index_t j = 0; j < TopGroups; ++j)
-      std::fill(eligible + chosen[j] * per_group, eligible + (chosen[j] + 1) * per_group, std::uint8_t(1));
+    // plain loops: GCC's -Wstringop-overflow misjudges std::fill over these signed ranges
+    for (index_t e = 0; e < experts; ++e) eligible[e] = 0;
+    for (index_t j = 0; j < TopGroups; ++j) {
+      const index_t first = index_t(chosen[j]) * per_group;
+      for (index_t e = first; e < first + per_group; ++e) eligible[e] = 1;
+    }
     detail::reference_topk_row(key, experts, k, ids, taken, eligible);
   }
 };
