@@ -7,9 +7,9 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <moeroute/balancing/zloss.hpp>
 #include <moeroute/moeroute.hpp>
 #include <random>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -255,6 +255,22 @@ TEST_CASE("Sinkhorn: on a skewed router MaxVio is lower than plain top-k") {
           " (", sink.balancer().iterations(), " iterations)");
   CHECK(v_sink < v_plain);
   CHECK(v_sink < 0.5 * v_plain);
+
+  // the per-batch column scaling in the metrics: the most preferred expert (the last) gets
+  // the smallest d1
+  const auto d1 = sink.balancer().column_scaling();
+  CHECK(std::min_element(d1.begin(), d1.end()) - d1.begin() == E - 1);
+  const SinkhornStats st = sink.balancer().stats();
+  CHECK(st.iterations == sink.balancer().iterations());
+  CHECK(st.converged);
+  CHECK(st.min_log_scaling == doctest::Approx(std::log(d1[E - 1])));
+  CHECK(st.log_scaling_spread == doctest::Approx(std::log(*std::max_element(d1.begin(), d1.end()) / d1[E - 1])));
+  CHECK(st.log_scaling_spread > 1.0);
+  const std::string row = st.csv_row(), header = SinkhornStats::csv_header();
+  CHECK(std::count(row.begin(), row.end(), ',') == std::count(header.begin(), header.end(), ','));
+  std::ostringstream os;
+  os << st;
+  MESSAGE(os.str());
 }
 
 TEST_CASE("Sinkhorn: non-convergence is a clear error or a reported flag, never a hang") {
@@ -433,4 +449,39 @@ TEST_CASE("Sinkhorn: composes with auxiliary-loss balancers") {
     lse_sq += (m + std::log(sum)) * (m + std::log(sum));
   }
   CHECK(o3.aux_loss == doctest::Approx(1e-3 * lse_sq / T).epsilon(1e-5));
+}
+
+// The snippets of docs/beyond.md, compiled and run as printed.
+TEST_CASE("docs/beyond.md snippets") {
+  // SqrtSoftplus scores, top-8 of 64 experts, renormalised gates
+  Router<TopK<8>, NoBalancing, ReferenceBackend, SqrtSoftplus> sqrt_softplus({.num_experts = 64, .renormalize = true});
+  // Sinkhorn-balanced top-2 in training, plain top-2 in evaluation
+  Router<TopK<2>, Sinkhorn> sinkhorn({.num_experts = 64});
+  // Expert choice: every expert takes C = ceil(2 · T / E) tokens
+  Router<ExpertChoice> expert_choice({.num_experts = 64, .capacity_factor = 2.0f});
+
+  Router<TopK<2>, Balancers<Sinkhorn, ZLoss>> router({.num_experts = 64});
+
+  // a fixed budget of iterations that never stops training, reported instead of thrown
+  Router<TopK<2>, Sinkhorn> fixed({.num_experts = 64},
+                                  {.tol = 1e-4, .max_iters = 50, .on_no_convergence = SinkhornOnNoConvergence::report});
+
+  const index_t T = 256;
+  std::vector<float> logits(T * 64);  // the gate's output [T, E]
+  RoutingBuffers buffers;
+  RoutingView out = expert_choice.make_output(buffers, T);  // ids and gates are [E, C]
+  expert_choice.route(MatrixView<const float>(logits.data(), T, 64), out);
+  DispatchPlan plan;
+  plan.build(out);  // expert-major layout for the grouped GEMM
+
+  CHECK(out.slots == 8);
+  for (index_t e = 0; e < 64; ++e) CHECK(plan.kept_counts()[std::size_t(e)] == 8);
+  CHECK(sqrt_softplus.top_k() == 8);
+  CHECK(fixed.balancer().config().max_iters == 50);
+  const auto z = random_logits(T, 64, 30, -3.0f, 3.0f);
+  RoutingBuffers b2;
+  RoutingView o2 = router.make_output(b2, T);
+  router.route(MatrixView<const float>(z.data(), T, 64), o2);
+  CHECK(router.balancer().get<Sinkhorn>().converged());
+  CHECK(o2.aux_loss > 0.0f);
 }

@@ -5,7 +5,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <ostream>
 #include <span>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -37,6 +39,34 @@ class sinkhorn_error : public error {
   double residual_;
 };
 
+/// The figures of one Sinkhorn batch, for logs and CSV next to BalanceMetrics.
+struct SinkhornStats {
+  index_t iterations = 0;           ///< iterations the batch took
+  double residual = 0.0;            ///< mean_e |d¹ − d¹_prev| at the last iteration
+  bool converged = true;            ///< residual < tol
+  double min_log_scaling = 0.0;     ///< min_e log d¹_e (the most over-preferred expert's offset)
+  double max_log_scaling = 0.0;     ///< max_e log d¹_e
+  double log_scaling_spread = 0.0;  ///< max − min of log d¹: how far the batch was from balanced
+
+  static std::string csv_header() {
+    return "sinkhorn_iterations,sinkhorn_residual,sinkhorn_converged,min_log_d1,max_log_d1,log_d1_spread";
+  }
+  [[nodiscard]] std::string csv_row() const {
+    std::ostringstream os;
+    os.precision(9);
+    os << iterations << ',' << residual << ',' << int(converged) << ',' << min_log_scaling << ',' << max_log_scaling
+       << ',' << log_scaling_spread;
+    return os.str();
+  }
+};
+
+/// Prints SinkhornStats on a line.
+inline std::ostream& operator<<(std::ostream& os, const SinkhornStats& s) {
+  return os << "sinkhorn: iterations=" << s.iterations << " residual=" << s.residual
+            << " converged=" << (s.converged ? "yes" : "no") << " log d1 in [" << s.min_log_scaling << ", "
+            << s.max_log_scaling << "] spread=" << s.log_scaling_spread;
+}
+
 /// Sinkhorn balancing. In training, the experts of a batch are chosen by the top-k of the
 /// doubly normalised matrix P = diag(d⁰) · K · diag(d¹), K_{t,e} = exp(z_{t,e} − max_e z_t),
 /// found by iterating from d¹ = 1:
@@ -55,7 +85,8 @@ class sinkhorn_error : public error {
 /// Composes with balancers that do not set a selection key, e.g. Balancers<Sinkhorn, ZLoss>.
 ///
 /// Metrics of the last training batch: column_scaling() (d¹), row_scaling() (d⁰, for the
-/// row-shifted K), iterations(), residual(), converged(); and counters over all batches.
+/// row-shifted K), iterations(), residual(), converged(), stats() (a printable, CSV-ready
+/// summary); and counters over all batches.
 class Sinkhorn {
  public:
   struct Config {
@@ -167,6 +198,20 @@ class Sinkhorn {
   [[nodiscard]] double residual() const noexcept { return residual_; }
   /// Whether the last training batch met the tolerance.
   [[nodiscard]] bool converged() const noexcept { return converged_; }
+  /// The last training batch's figures, summarised (see SinkhornStats).
+  [[nodiscard]] SinkhornStats stats() const {
+    SinkhornStats st;
+    st.iterations = iterations_;
+    st.residual = residual_;
+    st.converged = converged_;
+    if (!d1_.empty()) {
+      const auto [lo, hi] = std::minmax_element(d1_.begin(), d1_.end());
+      st.min_log_scaling = std::log(*lo);
+      st.max_log_scaling = std::log(*hi);
+      st.log_scaling_spread = st.max_log_scaling - st.min_log_scaling;
+    }
+    return st;
+  }
   /// Training batches routed, and how many of them did not converge (report mode).
   [[nodiscard]] std::int64_t batches() const noexcept { return batches_; }
   [[nodiscard]] std::int64_t unconverged_batches() const noexcept { return unconverged_batches_; }
