@@ -6,9 +6,11 @@
 //   x_{l+1} = x_l + Σ_j g_{t,j} · FFN_{e_{t,j}}(rms(x_l)),   (e, g) = Router(rms(x_l) · W_r)
 //   p(byte t) = softmax(rms(x_L) · W_o + b_o)
 //
-// FFN_e(u) = relu(u W1_e + b1_e) W2_e + b2_e. Each expert takes at most
-// C = ceil(capacity_factor · T · k / E) assignments in token order; the rest are dropped
-// (the token skips that expert, its gate gets no gradient).
+// FFN_e(u) = relu(u W1_e + b1_e) W2_e + b2_e. moeroute's DispatchPlan lays the assignments
+// out expert-major (gather), each expert multiplies its segment, and the plan combines the
+// outputs back with the gate weights. Each expert takes at most C = ceil(capacity_factor · T ·
+// k / E) assignments in token order; the rest are dropped (the token skips that expert, its
+// gate gets no gradient).
 #pragma once
 
 #include <Eigen/Dense>
@@ -16,6 +18,7 @@
 #include <cstdint>
 #include <memory>
 #include <moeroute/balancing/simbal.hpp>
+#include <moeroute/dispatch.hpp>
 #include <moeroute/moeroute.hpp>
 #include <random>
 #include <type_traits>
@@ -104,7 +107,9 @@ class MoeLayer {
 
   MoeLayer(const ModelConfig& c, const typename RouterT::balancer_type::Config& balancing, std::mt19937_64& rng)
       : c_(c),
-        router_(moeroute::RouterConfig{.num_experts = c.experts, .top_k = c.top_k, .renormalize = true}, balancing) {
+        router_(moeroute::RouterConfig{.num_experts = c.experts, .top_k = c.top_k, .renormalize = true}, balancing),
+        plan_(moeroute::DispatchConfig{.drop = moeroute::DropPolicy::position,
+                                       .capacity_factor = double(c.capacity_factor)}) {
     wr.init(c.d, c.experts, 1.0f / std::sqrt(float(c.d)), rng, true);
     if constexpr (uses_simbal) router_.balancer().bind(moeroute::MatrixView<const float>(wr.w.data(), c.d, c.experts));
     w1.resize(std::size_t(c.experts));
@@ -117,7 +122,6 @@ class MoeLayer {
       w2[std::size_t(e)].init(c.hidden, c.d, 0.5f / std::sqrt(float(c.hidden)), rng, true);
       b2[std::size_t(e)].init(1, c.d, 0.0f, rng, false);
     }
-    experts_.resize(std::size_t(c.experts));
   }
 
   RouterT& router() { return router_; }
@@ -138,77 +142,63 @@ class MoeLayer {
 
   /// y = x + MoE(rms(x)); records what backward needs and the batch's load statistics.
   void forward(const Mat& x, Mat& y, LayerStats& stats) {
-    const int T = int(x.rows()), E = c_.experts, k = c_.top_k;
+    const int T = int(x.rows()), E = c_.experts;
     rms_forward(x, u_, inv_);
     logits_.noalias() = u_ * wr.w;
     routing_ = router_.make_output(buffers_, T);
     router_.route(moeroute::MatrixView<const float>(logits_.data(), T, E), routing_);
 
-    // capacity, in token order
-    const int cap = int(std::ceil(double(c_.capacity_factor) * double(T) * double(k) / double(E)));
-    for (auto& ex : experts_) ex.slots.clear();
-    stats.counts.assign(std::size_t(E), 0);
-    stats.dropped = 0;
-    stats.assignments = std::int64_t(T) * k;
+    // expert-major layout with capacity (drops by position, i.e. token order)
+    plan_.build(routing_);
+    const int rows = int(plan_.rows());
+    stats.counts.assign(plan_.counts().begin(), plan_.counts().end());
+    stats.dropped = plan_.num_dropped();
+    stats.assignments = plan_.assignments();
     stats.aux_loss = routing_.aux_loss;
-    for (int t = 0; t < T; ++t)
-      for (int j = 0; j < k; ++j) {
-        const int e = routing_.ids[std::size_t(t * k + j)];
-        ++stats.counts[std::size_t(e)];
-        auto& s = experts_[std::size_t(e)].slots;
-        if (int(s.size()) < cap)
-          s.push_back(t * k + j);
-        else
-          ++stats.dropped;
-      }
-
-    y = x;
+    bx_.resize(rows, c_.d);
+    plan_.gather(view(u_), view(bx_));
+    ba_.resize(rows, c_.hidden);
+    bh_.resize(rows, c_.hidden);
+    by_.resize(rows, c_.d);
     for (int e = 0; e < E; ++e) {
-      Expert& ex = experts_[std::size_t(e)];
-      const int n = int(ex.slots.size());
+      const auto [off, n] = segment(e);
       if (n == 0) continue;
-      ex.x.resize(n, c_.d);
-      for (int r = 0; r < n; ++r) ex.x.row(r) = u_.row(ex.slots[std::size_t(r)] / k);
-      ex.a.noalias() = ex.x * w1[std::size_t(e)].w;
-      ex.a.rowwise() += RowVec(b1[std::size_t(e)].w);
-      ex.h = ex.a.cwiseMax(0.0f);
-      ex.y.noalias() = ex.h * w2[std::size_t(e)].w;
-      ex.y.rowwise() += RowVec(b2[std::size_t(e)].w);
-      for (int r = 0; r < n; ++r) {
-        const int slot = ex.slots[std::size_t(r)];
-        y.row(slot / k) += routing_.gates[std::size_t(slot)] * ex.y.row(r);
-      }
+      ba_.middleRows(off, n).noalias() = bx_.middleRows(off, n) * w1[std::size_t(e)].w;
+      ba_.middleRows(off, n).rowwise() += RowVec(b1[std::size_t(e)].w);
+      bh_.middleRows(off, n) = ba_.middleRows(off, n).cwiseMax(0.0f);
+      by_.middleRows(off, n).noalias() = bh_.middleRows(off, n) * w2[std::size_t(e)].w;
+      by_.middleRows(off, n).rowwise() += RowVec(b2[std::size_t(e)].w);
     }
+    y.resize(T, c_.d);
+    plan_.combine(view(by_), moeroute::MatrixView<const float>(routing_.gate_matrix()), view(y));
+    y += x;
   }
 
   /// From ∂L/∂y to ∂L/∂x (written), accumulating parameter gradients.
   void backward(const Mat& dy, Mat& dx) {
     const int T = int(dy.rows()), E = c_.experts, k = c_.top_k;
-    du_ = Mat::Zero(T, c_.d);
-    dgates_ = Mat::Zero(T, k);  // dropped assignments keep a zero gate gradient
+    const int rows = int(plan_.rows());
+    dby_.resize(rows, c_.d);
+    dgates_.resize(T, k);  // dropped assignments get a zero gate gradient
+    plan_.combine_backward(view(dy), view(by_), moeroute::MatrixView<const float>(routing_.gate_matrix()), view(dby_),
+                           view(dgates_));
+    dbx_.resize(rows, c_.d);
     for (int e = 0; e < E; ++e) {
-      Expert& ex = experts_[std::size_t(e)];
-      const int n = int(ex.slots.size());
+      const auto [off, n] = segment(e);
       if (n == 0) continue;
-      dye_.resize(n, c_.d);
-      for (int r = 0; r < n; ++r) {
-        const int slot = ex.slots[std::size_t(r)];
-        dye_.row(r) = routing_.gates[std::size_t(slot)] * dy.row(slot / k);
-        dgates_(slot / k, slot % k) = dy.row(slot / k).dot(ex.y.row(r));
-      }
-      w2[std::size_t(e)].g.noalias() += ex.h.transpose() * dye_;
-      b2[std::size_t(e)].g += dye_.colwise().sum();
-      dh_.noalias() = dye_ * w2[std::size_t(e)].w.transpose();
-      dh_ = (ex.a.array() > 0.0f).select(dh_, 0.0f);
-      w1[std::size_t(e)].g.noalias() += ex.x.transpose() * dh_;
+      auto dye = dby_.middleRows(off, n);
+      w2[std::size_t(e)].g.noalias() += bh_.middleRows(off, n).transpose() * dye;
+      b2[std::size_t(e)].g += dye.colwise().sum();
+      dh_.noalias() = dye * w2[std::size_t(e)].w.transpose();
+      dh_ = (ba_.middleRows(off, n).array() > 0.0f).select(dh_, 0.0f);
+      w1[std::size_t(e)].g.noalias() += bx_.middleRows(off, n).transpose() * dh_;
       b1[std::size_t(e)].g += dh_.colwise().sum();
-      dxe_.noalias() = dh_ * w1[std::size_t(e)].w.transpose();
-      for (int r = 0; r < n; ++r) du_.row(ex.slots[std::size_t(r)] / k) += dxe_.row(r);
+      dbx_.middleRows(off, n).noalias() = dh_ * w1[std::size_t(e)].w.transpose();
     }
+    du_.resize(T, c_.d);
+    plan_.gather_backward(view(dbx_), view(du_));
     dlogits_.resize(T, E);
-    router_.backward(moeroute::MatrixView<const float>(logits_.data(), T, E), routing_,
-                     moeroute::MatrixView<const float>(dgates_.data(), T, k),
-                     moeroute::MatrixView<float>(dlogits_.data(), T, E));
+    router_.backward(moeroute::MatrixView<const float>(logits_.data(), T, E), routing_, view(dgates_), view(dlogits_));
     wr.g.noalias() += u_.transpose() * dlogits_;
     if constexpr (uses_simbal)
       if (router_.training()) router_.balancer().add_weight_gradient(moeroute::MatrixView<float>(wr.g.data(), c_.d, E));
@@ -217,17 +207,23 @@ class MoeLayer {
     rms_backward_add(u_, inv_, du_, dx);
   }
 
+  /// The dispatch plan of the last forward (drops, layout).
+  const moeroute::DispatchPlan& plan() const { return plan_; }
+
  private:
-  struct Expert {
-    std::vector<int> slots;  // assignment indices t·k + j, token-ascending
-    Mat x, a, h, y;
-  };
+  static moeroute::MatrixView<float> view(Mat& m) { return {m.data(), m.rows(), m.cols()}; }
+  static moeroute::MatrixView<const float> view(const Mat& m) { return {m.data(), m.rows(), m.cols()}; }
+  // Expert e's kept rows in the expert-major buffer: (first row, count).
+  std::pair<Eigen::Index, Eigen::Index> segment(int e) const {
+    return {Eigen::Index(plan_.offsets()[std::size_t(e)]), Eigen::Index(plan_.kept_counts()[std::size_t(e)])};
+  }
+
   ModelConfig c_;
   RouterT router_;
   moeroute::RoutingBuffers buffers_;
   moeroute::RoutingView routing_;
-  std::vector<Expert> experts_;
-  Mat u_, logits_, du_, dgates_, dye_, dh_, dxe_, dlogits_;
+  moeroute::DispatchPlan plan_;
+  Mat u_, logits_, bx_, ba_, bh_, by_, dby_, dbx_, dh_, du_, dgates_, dlogits_;
   RowVec inv_;
 };
 
