@@ -18,8 +18,8 @@ enum class ScoreForm {
 };
 
 /// s = softmax(z) over all E experts (max-subtracted), computed as e_i = exp(z_i - max z),
-/// s_i = e_i · (1 / Σ e) with the sum accumulated in fp64 in expert order. The GShard/Switch
-/// router.
+/// s_i = e_i · (1 / Σ e) with the sum in fp64 in the canonical order (detail::canonical_sum).
+/// The GShard/Switch router.
 struct Softmax {
   static constexpr ScoreForm form = ScoreForm::softmax;
   static constexpr const char* name = "softmax";

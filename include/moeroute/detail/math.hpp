@@ -3,8 +3,9 @@
 // Expert selection compares scores, so every backend (scalar, SIMD, CUDA) must compute the
 // scores with the same sequence of IEEE operations to give bit-identical expert ids. Library
 // exp/log differ between libm, SIMD libraries and CUDA, so the router uses these instead:
-// Cephes-style range reduction and minimax polynomials evaluated with explicit fma, each
-// within 2 ulp of the true value. The SIMD and CUDA backends replicate the exact sequence.
+// Cephes-style range reduction and minimax polynomials evaluated with explicit fma: exp and
+// log within 2 ulp of the true value (tests measure ≤ 1.01 and ≤ 0.81 ulp), log1p within
+// 2.5 ulp (measured 2.40). The SIMD and CUDA backends replicate the exact sequence.
 #pragma once
 
 #include <cmath>
@@ -110,10 +111,11 @@ MOEROUTE_HD inline float log_f32(float x) noexcept {
   return fma_f32(fe, exp_constants::ln2_hi, m + y);
 }
 
-/// log(1 + t) for t >= 0, accurate for tiny t (u = 1 + t; log(u) · t / (u - 1)).
+/// log(1 + t) for t >= 0 (u = 1 + t; log(u) · t / (u - 1)), within 2.5 ulp, accurate for
+/// tiny t; log1p(inf) = inf.
 MOEROUTE_HD inline float log1p_f32(float t) noexcept {
   const float u = 1.0f + t;
-  if (u == 1.0f) return t;
+  if (u == 1.0f || u == INFINITY) return u == 1.0f ? t : u;
   return log_f32(u) * (t / (u - 1.0f));
 }
 

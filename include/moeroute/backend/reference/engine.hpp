@@ -62,8 +62,8 @@ inline void check_finite(MatrixView<const L> x, NonFinite nf) {
   }
 }
 
-/// Softmax of one row in the canonical order: m = max z, e_i = exp(z_i - m), Σ in fp64 in
-/// expert order, s_i = e_i · (1 / Σ). Returns log Σ e + m (the logsumexp).
+/// Softmax of one row in the canonical order: m = max z, e_i = exp(z_i - m), Σ in fp64 in the
+/// canonical_sum order, s_i = e_i · (1 / Σ). Returns log Σ e + m (the logsumexp).
 inline float reference_softmax_row(const float* z, index_t n, float* s) {
   float m = -INFINITY;
   for (index_t i = 0; i < n; ++i) m = std::max(m, z[i]);
