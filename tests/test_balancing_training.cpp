@@ -6,6 +6,7 @@
 // printed with MESSAGE.
 #include <doctest/doctest.h>
 
+#include <cmath>
 #include <cstdio>
 #include <moeroute/moeroute.hpp>
 #include <random>
@@ -172,4 +173,36 @@ TEST_CASE("on a skewed router trained by gradient steps every balancer lowers Ma
   if (!(phi_e.global_max_vio < sw.global_max_vio))
     MESSAGE("phi-Entropy global MaxVio ", phi_e.global_max_vio, " is NOT below Switch's ", sw.global_max_vio,
             " at alpha = ", alpha, " here");
+}
+
+TEST_CASE("PhiBias (this library's bias form of φ-balancing) moves a fixed skewed router towards uniform load") {
+  const index_t Tn = 512;
+  std::mt19937 rng(4);
+  std::normal_distribution<float> normal;
+  std::vector<float> z(std::size_t(Tn * E));
+  for (index_t t = 0; t < Tn; ++t)
+    for (index_t e = 0; e < E; ++e) z[std::size_t(t * E + e)] = normal(rng) + 2.0f * float(E - e) / float(E);
+  mr::MatrixView<const float> Z(z.data(), Tn, E);
+  mr::Router<mr::TopK<K>, mr::PhiBias<mr::Entropy>> r({.num_experts = E}, {.tau = 0.2f});
+  mr::RoutingBuffers buf;
+  std::vector<double> first, last;
+  for (int s = 0; s < 100; ++s) {
+    mr::RoutingView out = r.make_output(buf, Tn);
+    r.route(Z, out);
+    std::vector<double> c(out.counts.begin(), out.counts.end());
+    if (s == 0) first = c;
+    last = c;
+    // the bias is −τ(q − mean q) with q = log m + 1 of the committed estimate (computed here)
+    const auto m = r.balancer().load_estimate();
+    double mean = 0.0;
+    for (float v : m) mean += std::log(double(v)) / double(E);
+    std::vector<float> bias(std::size_t(E), 0.0f);
+    r.balancer().selection_bias(bias);
+    for (index_t e = 0; e < E; ++e)
+      CHECK(bias[std::size_t(e)] ==
+            doctest::Approx(-0.2 * (std::log(double(m[std::size_t(e)])) - mean)).epsilon(1e-4));
+    r.step();
+  }
+  MESSAGE("PhiBias<Entropy> (tau = 0.2): MaxVio ", max_vio(first), " at step 0 -> ", max_vio(last), " at step 100");
+  CHECK(max_vio(last) < 0.5 * max_vio(first));
 }

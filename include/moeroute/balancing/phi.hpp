@@ -166,4 +166,75 @@ class PhiBalancing {
   mutable std::vector<double> obs_;
 };
 
+/// Settings of PhiBias.
+struct PhiBiasConfig {
+  /// τ, the bias scale: b_e = −τ·(q_e − mean q), in score units. It is a proportional
+  /// controller (no integration, unlike Loss-Free), so τ must be of the order of the score
+  /// gaps it has to close; 0.1 suits softmax routers with E of a few dozen.
+  float tau = 0.1f;
+  /// ρ, the EMA's weight on history.
+  float decay = 0.65f;
+  /// The load statistic. Hard counts (default): the bias changes which experts are chosen
+  /// but not the soft probabilities, so only counts feed its effect back.
+  PhiStatistic statistic = PhiStatistic::hard;
+};
+
+/// φ-balancing in bias form — an addition of this library, not from the paper: the prices
+/// q = ∇φ(m) of the committed load estimate set a selection bias, like Loss-Free's but derived
+/// from the potential:
+///
+///   key_e = s_e − τ · (q_e − mean_e q),     m ← Rule(m, observed load) in `step`
+///
+/// No gradient; the gate weights stay the unbiased scores. With Entropy, an expert at twice
+/// the mean load is penalised by τ·log 2 relative to one at the mean.
+template <class Pot, class Rule = Ema>
+class PhiBias {
+  static_assert(Potential<Pot>,
+                "PhiBias<Potential>: the potential must meet moeroute::Potential: static name, "
+                "static float value(float m) and static float gradient(float m) (element-wise φ and φ')");
+  static_assert(UpdateRule<Rule>,
+                "PhiBias<Potential, Rule>: Rule must meet moeroute::UpdateRule (static name and "
+                "apply(std::span<float> state, std::span<const double> observed, float rate))");
+
+ public:
+  using Config = PhiBiasConfig;
+  static constexpr const char* name = "phi_bias";
+  static std::string identity() {
+    return std::string(name) + "<" + detail::potential_id<Pot>() + "," + Rule::name + ">";
+  }
+
+  explicit PhiBias(index_t num_experts, const Config& config = {})
+      : inner_(num_experts, PhiConfig{.alpha = 0.0f, .decay = config.decay, .statistic = config.statistic}),
+        config_(config) {
+    detail::require(std::isfinite(config.tau) && config.tau >= 0.0f, "tau", "tau = ", config.tau,
+                    " must be finite and >= 0");
+  }
+  [[nodiscard]] const Config& config() const noexcept { return config_; }
+  /// The committed load estimate m [E].
+  [[nodiscard]] std::span<const float> load_estimate() const noexcept { return inner_.load_estimate(); }
+
+  void selection_bias(std::span<float> b) const {
+    const std::vector<float> q = inner_.prices();
+    double mean = 0.0;
+    for (float v : q) mean += double(v);
+    mean /= double(q.size());
+    for (std::size_t e = 0; e < q.size(); ++e) b[e] += float(-double(config_.tau) * (double(q[e]) - mean));
+  }
+  void observe(const BalanceStats& s) { inner_.observe(s); }
+  void step() { inner_.step(); }
+  void reset() noexcept { inner_.reset(); }
+  void save(StateWriter& w) const {
+    w.section(identity());
+    inner_.save(w);
+  }
+  void load(StateReader& r) {
+    r.section(identity());
+    inner_.load(r);
+  }
+
+ private:
+  PhiBalancing<Pot, Rule> inner_;
+  Config config_;
+};
+
 }  // namespace moeroute
