@@ -19,11 +19,11 @@ int main(int argc, char** argv) {
   const int steps = argc > 1 ? std::atoi(argv[1]) : 200;
   const index_t T = 512, d = 32, E = 8;
 
-  moe_example::MoeLayerConfig cfg;
-  cfg.d = d;
-  cfg.hidden = 64;
-  cfg.router = {.num_experts = E, .top_k = 2, .renormalize = true};
-  cfg.dispatch = {.drop = DropPolicy::gate_weight, .capacity_factor = 1.25, .tile = 8};
+  moe_example::MoeLayerConfig cfg{
+      .d = 32,
+      .hidden = 64,
+      .router = {.num_experts = 8, .top_k = 2, .renormalize = true},
+      .dispatch = {.drop = moeroute::DropPolicy::gate_weight, .capacity_factor = 1.25, .tile = 8}};
   Layer layer(cfg, {.alpha = 1e-2f});
   std::mt19937_64 rng(42);
   layer.init(rng);

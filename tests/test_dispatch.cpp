@@ -534,3 +534,114 @@ TEST_CASE("errors name the argument and leave the plan unchanged") {
           plan.gather_backward(MatrixView<const float>(buf.data(), R, d), MatrixView<float>(x.data(), 2, d + 1));
         }) == "grad_x");
 }
+
+// ---- the engine wiring shown in docs/dispatch.md (keep the two in sync) ----
+namespace doc_snippet {
+using namespace moeroute;
+using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <class M>
+auto view(M& m) {
+  return MatrixView<typename M::Scalar>(m.data(), m.rows(), m.cols());
+}
+template <class M>
+auto cview(const M& m) {
+  return MatrixView<const typename M::Scalar>(m.data(), m.rows(), m.cols());
+}
+
+/// One MoE layer with linear experts W[e] [d, d]: forward and backward through the plan.
+/// In an engine, `buffers`, `plan` and the RowMat workspaces live across steps (no allocation
+/// once the shapes stop growing).
+struct MoeStep {
+  RoutingBuffers buffers;
+  RoutingView routing;
+  DispatchPlan plan{{.drop = DropPolicy::position, .capacity_factor = 1.25, .tile = 8}};
+  RowMat xe, oe, doe, dxe, dgates;
+
+  template <class R>
+  void forward(R& router, const RowMat& logits, const RowMat& x, const std::vector<RowMat>& W, RowMat& y) {
+    const index_t T = x.rows(), d = x.cols(), E = router.num_experts();
+    routing = router.make_output(buffers, T);
+    router.route(cview(logits), routing);
+    plan.build(routing);  // counts, offsets, stable permutation, capacity, padding
+    xe.resize(plan.rows(), d);
+    oe.resize(plan.rows(), d);
+    plan.gather(cview(x), view(xe));   // permute into the expert-major buffer (padding rows = 0)
+    for (index_t e = 0; e < E; ++e) {  // the grouped GEMM: group e = rows [offsets[e], +group_sizes[e])
+      const index_t off = plan.offsets()[std::size_t(e)], m = plan.group_sizes()[std::size_t(e)];
+      oe.middleRows(off, m).noalias() = xe.middleRows(off, m) * W[std::size_t(e)];
+    }
+    y.resize(T, d);
+    plan.combine(cview(oe), routing.gate_matrix(), view(y));  // y_t = Σ_j g_tj · oe[row(t, j)]
+  }
+
+  template <class R>
+  void backward(R& router, const RowMat& logits, const std::vector<RowMat>& W, const RowMat& dy, RowMat& dx,
+                std::vector<RowMat>& dW, RowMat& dlogits) {
+    const index_t T = dy.rows(), d = dy.cols(), E = router.num_experts();
+    doe.resize(plan.rows(), d);
+    dxe.resize(plan.rows(), d);
+    dgates.resize(routing.rows(), routing.slots);
+    plan.combine_backward(cview(dy), cview(oe), routing.gate_matrix(), view(doe), view(dgates));
+    for (index_t e = 0; e < E; ++e) {  // the grouped GEMMs of the backward
+      const index_t off = plan.offsets()[std::size_t(e)], m = plan.group_sizes()[std::size_t(e)];
+      dW[std::size_t(e)].noalias() += xe.middleRows(off, m).transpose() * doe.middleRows(off, m);
+      dxe.middleRows(off, m).noalias() = doe.middleRows(off, m) * W[std::size_t(e)].transpose();
+    }
+    dx.resize(T, d);
+    plan.gather_backward(cview(dxe), view(dx));  // scatter-add back to tokens
+    dlogits.resize(T, E);
+    router.backward(cview(logits), routing, cview(dgates), view(dlogits));  // dL/dgates -> dL/dlogits
+  }
+};
+}  // namespace doc_snippet
+
+TEST_CASE("the documented engine wiring computes the MoE layer and its backward") {
+  using doc_snippet::RowMat;
+  const index_t T = 50, d = 6, E = 5;
+  Router<TopK<2>> router({.num_experts = E, .renormalize = true});
+  std::mt19937 rng(21);
+  std::normal_distribution<float> normal;
+  auto rnd = [&](index_t r, index_t c) {
+    RowMat m(r, c);
+    for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = normal(rng);
+    return m;
+  };
+  const RowMat x = rnd(T, d), dy = rnd(T, d);
+  RowMat logits = rnd(T, E);
+  logits.col(0).array() += 2.0f;  // a popular expert, so the capacity drops some assignments
+  std::vector<RowMat> W, dW;
+  for (index_t e = 0; e < E; ++e) {
+    W.push_back(rnd(d, d));
+    dW.push_back(RowMat::Zero(d, d));
+  }
+  doc_snippet::MoeStep step;
+  RowMat y, dx, dlogits;
+  step.forward(router, logits, x, W, y);
+  step.backward(router, logits, W, dy, dx, dW, dlogits);
+  REQUIRE(step.plan.num_dropped() > 0);
+
+  // direct evaluation, token by token, skipping the dropped assignments
+  const RoutingView& r = step.routing;
+  const auto dropped = step.plan.dropped_mask();
+  RowMat y_ref = RowMat::Zero(T, d), dx_ref = RowMat::Zero(T, d), dg_ref = RowMat::Zero(T, 2);
+  std::vector<RowMat> dW_ref(std::size_t(E), RowMat::Zero(d, d));
+  for (index_t t = 0; t < T; ++t)
+    for (index_t j = 0; j < 2; ++j) {
+      const std::size_t a = std::size_t(t * 2 + j);
+      if (dropped[a]) continue;
+      const auto e = std::size_t(r.ids[a]);
+      const float g = r.gates[a];
+      const RowMat out = x.row(t) * W[e];
+      y_ref.row(t) += g * out;
+      dg_ref(t, j) = dy.row(t).dot(out.row(0));
+      dx_ref.row(t) += g * dy.row(t) * W[e].transpose();
+      dW_ref[e] += g * x.row(t).transpose() * dy.row(t);
+    }
+  CHECK((y - y_ref).cwiseAbs().maxCoeff() < 1e-4f);
+  CHECK((dx - dx_ref).cwiseAbs().maxCoeff() < 1e-4f);
+  for (index_t e = 0; e < E; ++e) CHECK((dW[std::size_t(e)] - dW_ref[std::size_t(e)]).cwiseAbs().maxCoeff() < 1e-4f);
+  RowMat dlogits_ref(T, E);
+  router.backward(MatrixView<const float>(logits.data(), T, E), r, MatrixView<const float>(dg_ref.data(), T, 2),
+                  MatrixView<float>(dlogits_ref.data(), T, E));
+  CHECK((dlogits - dlogits_ref).cwiseAbs().maxCoeff() < 1e-5f);
+}
