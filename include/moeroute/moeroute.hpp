@@ -1,6 +1,7 @@
 // moeroute — umbrella header: the router, every host-side policy and the reference backend.
 #pragma once
 
+#include "backend/cpu/engine.hpp"
 #include "balancing/compose.hpp"
 #include "balancing/loss_free.hpp"
 #include "balancing/none.hpp"

@@ -1,0 +1,484 @@
+// moeroute — CpuBackend: the fast host backend. SIMD (xsimd: AVX-512, AVX2 + FMA, or scalar,
+// chosen at compile time) and multithreaded over fixed chunks of tokens, with results
+// identical to ReferenceBackend: the same expert ids, counts and gate weights bit for bit
+// (the kernels replay the reference's fp32 operation sequence), probability sums within
+// fp64 rounding, and gradients within 1e-6 relative.
+#pragma once
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <span>
+#include <type_traits>
+#include <vector>
+
+#include "../../concepts.hpp"
+#include "../../core.hpp"
+#include "../../detail/math.hpp"
+#include "../../routing.hpp"
+#include "../../scoring.hpp"
+#include "../../selection/group_topk.hpp"
+#include "../../selection/topk.hpp"
+#include "../reference/engine.hpp"
+#include "simd.hpp"
+#include "thread_pool.hpp"
+
+namespace moeroute {
+
+namespace detail::cpu {
+
+/// Which selection policies have a vectorised path (others run the reference engine).
+template <class Se>
+struct selection_kind : std::integral_constant<int, 0> {};
+template <index_t K>
+struct selection_kind<TopK<K>> : std::integral_constant<int, 1> {};
+template <index_t K, index_t G, index_t TG, GroupScore S>
+struct selection_kind<GroupTopK<K, G, TG, S>> : std::integral_constant<int, 2> {};
+
+/// Tokens per work item. Fixed (not derived from the thread count) so the order of every
+/// reduction, and hence every result, is the same for any number of threads.
+inline constexpr index_t chunk_tokens = 128;
+
+/// Row length rounded up to whole registers; the padding holds -inf keys.
+inline index_t padded(index_t n) noexcept { return (n + W - 1) / W * W + W; }
+
+/// Top-k of one row of keys by a running threshold: the k best so far are kept sorted
+/// (descending key, ascending index among equal keys); a whole register of keys is compared
+/// with the current k-th key at once and only lanes above it are inserted. Visiting experts
+/// in increasing index with a strict comparison gives ties to the lower index, as the
+/// reference does. `key` must be readable (and -inf) up to a whole register past n.
+inline void topk_row(const float* key, index_t n, index_t k, std::int32_t* ids) noexcept {
+  float val[max_top_k];
+  std::int32_t idx[max_top_k];
+  for (index_t e = 0; e < k; ++e) {
+    const float v = key[e];
+    index_t j = e;
+    for (; j > 0 && val[j - 1] < v; --j) {
+      val[j] = val[j - 1];
+      idx[j] = idx[j - 1];
+    }
+    val[j] = v;
+    idx[j] = std::int32_t(e);
+  }
+  auto insert = [&](float v, index_t e) {
+    index_t j = k - 1;
+    for (; j > 0 && val[j - 1] < v; --j) {
+      val[j] = val[j - 1];
+      idx[j] = idx[j - 1];
+    }
+    val[j] = v;
+    idx[j] = std::int32_t(e);
+  };
+  index_t e = k;
+#if MOEROUTE_CPU_SIMD
+  const index_t vstart = (k + W - 1) / W * W;
+  for (; e < std::min(vstart, n); ++e)
+    if (key[e] > val[k - 1]) insert(key[e], e);
+  for (index_t b = vstart; b < n; b += W) {
+    std::uint32_t mask = movemask(vf::load_unaligned(key + b) > vf(val[k - 1]));
+    while (mask) {
+      const index_t i = b + std::countr_zero(mask);
+      mask &= mask - 1;
+      if (key[i] > val[k - 1]) insert(key[i], i);
+    }
+  }
+#else
+  for (; e < n; ++e)
+    if (key[e] > val[k - 1]) insert(key[e], e);
+#endif
+  for (index_t j = 0; j < k; ++j) ids[j] = idx[j];
+}
+
+/// Per-thread row scratch (each work item uses it from start to end on one thread).
+struct RowScratch {
+  std::vector<float> z, s, p, key, ds, dp, gkey;
+  std::vector<std::int32_t> gmap;
+  void reserve(index_t E) {
+    const index_t n = padded(E);
+    for (auto* v : {&z, &s, &p, &key, &ds, &dp, &gkey})
+      if (index_t(v->size()) < n) v->resize(std::size_t(n));
+    if (index_t(gmap.size()) < E) gmap.resize(std::size_t(E));
+    // keys read past E must lose every comparison
+    for (auto* v : {&z, &s, &key, &gkey}) std::fill(v->begin() + E, v->begin() + n, -INFINITY);
+  }
+};
+inline RowScratch& row_scratch() {
+  thread_local RowScratch r;
+  return r;
+}
+
+/// Scores s, balancing distribution p (may alias s) and the logsumexp of a row whose fp32
+/// logits are in z (max m). Returns lse; sets *pout to p.
+template <ScoringPolicy Sc>
+inline float score_row(const float* z, index_t E, float m, RowScratch& r, const float** pout) {
+  float* s = r.s.data();
+  float* p = r.p.data();
+  if constexpr (Sc::form == ScoreForm::softmax) {
+    const float fsum = float(exp_sum(z, E, m, s));
+    scale(s, E, 1.0f / fsum);
+    *pout = s;
+    return m + log_f32(fsum);
+  } else if constexpr (Sc::form == ScoreForm::softmax_selected) {
+    const float fsum = float(exp_sum(z, E, m, p));
+    scale(p, E, 1.0f / fsum);
+    *pout = p;
+    return m + log_f32(fsum);
+  } else {
+    if constexpr (std::is_same_v<Sc, Sigmoid>)
+      sigmoid(z, E, s);
+    else
+      for (index_t i = 0; i < E; ++i) s[i] = Sc::score(z[i]);
+    const float denom = float(canonical_sum_simd(s, E)) + normalize_epsilon;
+    divide(s, E, denom, p);
+    *pout = p;
+    return m + log_f32(float(exp_sum(z, E, m, r.ds.data())));
+  }
+}
+
+/// The fixed token chunks of a batch: chunk_tokens long, split at sequence boundaries when
+/// per-sequence statistics are kept (so each chunk belongs to one sequence).
+inline void make_chunks(index_t T, index_t seq_len, std::vector<index_t>& starts) {
+  starts.clear();
+  for (index_t t = 0; t < T;) {
+    starts.push_back(t);
+    index_t end = std::min(T, t + chunk_tokens);
+    if (seq_len > 0) end = std::min(end, (t / seq_len + 1) * seq_len);
+    t = end;
+  }
+  starts.push_back(T);
+}
+
+}  // namespace detail::cpu
+
+namespace detail {
+
+/// The CPU engine of one scoring and selection policy. TopK (compile-time or runtime k) and
+/// GroupTopK take the vectorised, multithreaded path; other selection policies (ExpertChoice,
+/// user policies) run the reference engine's code.
+///
+/// Threads: one by default. `set_threads(n)` gives the engine its own pool of n threads
+/// (the caller's thread is one of them); `set_thread_pool` shares a pool between engines;
+/// `set_parallel_for` runs the work on the caller's own pool instead (no oversubscription
+/// when the training engine already has one). Results do not depend on the thread count.
+///
+/// Non-finite logits are detected inside forward's single pass over the logits (check() is
+/// free); the error thrown, before any statistic leaves the engine, is the reference's
+/// (naming the first bad token).
+template <ScoringPolicy Sc, SelectionPolicy Se>
+class CpuEngine {
+  static constexpr int kind = cpu::selection_kind<Se>::value;
+  static constexpr bool fast = kind != 0;
+
+ public:
+  /// Uses `threads` threads (>= 1) from now on, in a pool owned by this engine.
+  void set_threads(int threads) {
+    require(threads >= 1, "threads", "thread count ", threads, " must be >= 1");
+    pool_ = threads > 1 ? std::make_shared<ThreadPool>(threads) : nullptr;
+    user_ = nullptr;
+  }
+  /// Runs on a pool shared with other engines (e.g. one per MoE layer); null: one thread.
+  void set_thread_pool(std::shared_ptr<ThreadPool> pool) {
+    pool_ = std::move(pool);
+    user_ = nullptr;
+  }
+  /// Runs on the caller's parallel-for (see ParallelFor); an empty function: one thread.
+  void set_parallel_for(ParallelFor pf) {
+    user_ = std::move(pf);
+    pool_ = nullptr;
+  }
+  /// Threads of the engine's own or shared pool (1 with a user parallel-for: unknown to us).
+  [[nodiscard]] int threads() const noexcept { return pool_ ? pool_->threads() : 1; }
+
+  template <class L>
+  void check(MatrixView<const L> logits, NonFinite nf) const {
+    if constexpr (!fast) ref_.check(logits, nf);
+    // fast path: checked inside forward's pass over the logits
+  }
+
+  template <class L>
+  MatrixView<const float> logits_f32(MatrixView<const L> x, NonFinite nf) {
+    if constexpr (fast) check_finite(x, nf);  // a balancer is about to read them
+    return ref_.logits_f32(x, nf);
+  }
+
+  template <class L>
+  void forward(MatrixView<const L> x, const ForwardArgs& a, RoutingView& out) {
+    if constexpr (!fast) {
+      ref_.forward(x, a, out);
+    } else {
+      forward_fast(x, a, out);
+    }
+  }
+
+  template <class L>
+  void backward(MatrixView<const L> x, const RoutingView& r, MatrixView<const float> dg, const AuxGradient& aux,
+                const RouterConfig& c, MatrixView<float> dz) {
+    if constexpr (!fast) {
+      ref_.backward(x, r, dg, aux, c, dz);
+    } else {
+      backward_fast(x, r, dg, aux, c, dz);
+    }
+  }
+
+ private:
+  void parallel(index_t n, const std::function<void(index_t)>& body) {
+    if (user_)
+      user_(n, body);
+    else if (pool_)
+      pool_->run(n, body);
+    else
+      for (index_t i = 0; i < n; ++i) body(i);
+  }
+
+  /// Chooses the k experts of one token from its keys.
+  static void select(const float* key, index_t E, index_t k, std::int32_t* ids, cpu::RowScratch& r) {
+    if constexpr (kind == 1) {
+      cpu::topk_row(key, E, k, ids);
+    } else {
+      constexpr index_t G = Se::groups, TG = Se::top_groups;
+      const index_t pg = E / G;
+      float gs[G + 2 * cpu::W];
+      std::fill(gs + G, gs + G + 2 * cpu::W, -INFINITY);
+      for (index_t g = 0; g < G; ++g) {  // the two largest keys of the group, as the reference
+        const float* kg = key + g * pg;
+        float top1 = kg[0], top2 = -INFINITY;
+        for (index_t i = 1; i < pg; ++i) {
+          const float v = kg[i];
+          top2 = std::max(top2, std::min(top1, v));
+          top1 = std::max(top1, v);
+        }
+        if constexpr (Se::group_score == GroupScore::max)
+          gs[g] = top1;
+        else
+          gs[g] = pg >= 2 ? top1 + top2 : top1;
+      }
+      std::int32_t chosen[TG];
+      cpu::topk_row(gs, G, TG, chosen);  // the best groups, ties to the lower group index
+      std::sort(chosen, chosen + TG);    // keep experts in index order: ties to the lower id
+      float* ck = r.gkey.data();
+      for (index_t j = 0; j < TG; ++j) {
+        std::copy(key + chosen[j] * pg, key + (chosen[j] + 1) * pg, ck + j * pg);
+        for (index_t i = 0; i < pg; ++i) r.gmap[std::size_t(j * pg + i)] = std::int32_t(chosen[j] * pg + i);
+      }
+      const index_t n = TG * pg;
+      std::fill(ck + n, ck + cpu::padded(n), -INFINITY);
+      cpu::topk_row(ck, n, k, ids);
+      for (index_t j = 0; j < k; ++j) ids[j] = r.gmap[std::size_t(ids[j])];
+    }
+  }
+
+  template <class L>
+  void forward_fast(MatrixView<const L> x, const ForwardArgs& a, RoutingView& out) {
+    const RouterConfig& c = *a.config;
+    const index_t T = x.rows, E = x.cols, k = a.k;
+    const index_t seq_len = out.sequence_length > 0 ? out.sequence_length : std::max<index_t>(T, 1);
+    cpu::make_chunks(T, a.seq_stats ? seq_len : 0, starts_);
+    const index_t C = index_t(starts_.size()) - 1;
+    acc_.assign(std::size_t(C * E), 0.0);
+    cnt_.assign(std::size_t(C * E), 0);
+    lse_.assign(std::size_t(C), 0.0);
+    bad_.assign(std::size_t(C), 0);
+    const float* bias = a.bias.empty() ? nullptr : a.bias.data();
+    const float* offset = a.logit_offset.empty() ? nullptr : a.logit_offset.data();
+
+    parallel(C, [&](index_t ci) {
+      cpu::RowScratch& r = cpu::row_scratch();
+      r.reserve(E);
+      double* acc = acc_.data() + ci * E;
+      std::int32_t* cnt = cnt_.data() + ci * E;
+      double lse_sq = 0.0;
+      for (index_t t = starts_[std::size_t(ci)]; t < starts_[std::size_t(ci) + 1]; ++t) {
+        bool bad = false;
+        float* z = r.z.data();
+        const float m = cpu::load_row(x.row_ptr(t), E, c.non_finite, z, bad);
+        if (bad) {
+          bad_[std::size_t(ci)] = 1;
+          return;
+        }
+        const float* p = nullptr;
+        const float lse = cpu::score_row<Sc>(z, E, m, r, &p);
+        lse_sq += double(lse) * lse;
+        cpu::accumulate_f64(acc, p, E);
+        // the selection key and the scores the gates are taken from
+        const float* s = Sc::form == ScoreForm::softmax_selected ? z : r.s.data();
+        const float* key = s;
+        if (offset) {
+          cpu::add(z, offset, E, r.key.data());
+          key = r.key.data();
+        } else if (bias) {
+          cpu::add(s, bias, E, r.key.data());
+          key = r.key.data();
+        }
+        std::int32_t* ids = out.ids.data() + t * k;
+        select(key, E, k, ids, r);
+        reference_gates_row<Sc>(s, ids, k, c, out.gates.data() + t * k);
+        for (index_t j = 0; j < k; ++j) ++cnt[ids[j]];
+      }
+      lse_[std::size_t(ci)] = lse_sq;
+    });
+    for (index_t ci = 0; ci < C; ++ci)
+      if (bad_[std::size_t(ci)]) {
+        check_finite(x, c.non_finite);  // throws the reference's error for the first bad token
+        ref_.forward(x, a, out);        // unreachable in practice: keep the reference's answer
+        return;
+      }
+
+    // combine the chunks in chunk order, in parallel over blocks of experts
+    const index_t EB = 64, nb = (E + EB - 1) / EB;
+    parallel(nb, [&](index_t b) {
+      const index_t e0 = b * EB, e1 = std::min(E, e0 + EB);
+      for (index_t e = e0; e < e1; ++e) {
+        double sum = 0.0, seq_sum = 0.0;
+        std::int64_t count = 0, seq_count = 0;
+        for (index_t ci = 0; ci < C; ++ci) {
+          const double v = acc_[std::size_t(ci * E + e)];
+          const std::int32_t n = cnt_[std::size_t(ci * E + e)];
+          sum += v;
+          count += n;
+          if (a.seq_stats) {
+            seq_sum += v;
+            seq_count += n;
+            const index_t t_end = starts_[std::size_t(ci) + 1];
+            if (t_end % seq_len == 0 || t_end == T) {  // last chunk of its sequence
+              const index_t q = (t_end - 1) / seq_len;
+              out.seq_prob_sums[std::size_t(q * E + e)] = float(seq_sum);
+              out.seq_counts[std::size_t(q * E + e)] = seq_count;
+              seq_sum = 0.0;
+              seq_count = 0;
+            }
+          }
+        }
+        a.prob_sums[std::size_t(e)] = sum;
+        out.prob_sums[std::size_t(e)] = float(sum);
+        out.counts[std::size_t(e)] = count;
+      }
+    });
+    if (a.lse_sq_sum) {
+      double s = 0.0;
+      for (double v : lse_) s += v;
+      *a.lse_sq_sum = s;
+    }
+  }
+
+  template <class L>
+  void backward_fast(MatrixView<const L> x, const RoutingView& rv, MatrixView<const float> dg, const AuxGradient& aux,
+                     const RouterConfig& c, MatrixView<float> dz) {
+    const index_t T = x.rows, E = x.cols, k = rv.slots;
+    const index_t seq_len = aux.sequence_length > 0 ? aux.sequence_length : std::max<index_t>(T, 1);
+    const bool has_seq = aux.any_dprob && !aux.dprob_seq.empty();
+    cpu::make_chunks(T, has_seq ? seq_len : 0, starts_);
+    const index_t C = index_t(starts_.size()) - 1;
+    const float dlse = aux.dlse_sq;
+
+    parallel(C, [&](index_t ci) {
+      cpu::RowScratch& r = cpu::row_scratch();
+      r.reserve(E);
+      const index_t t0 = starts_[std::size_t(ci)], t1 = starts_[std::size_t(ci) + 1];
+      float* dp = nullptr;
+      if (aux.any_dprob) {  // ∂L/∂p of this chunk's sequence, as the reference forms it
+        dp = r.dp.data();
+        for (index_t e = 0; e < E; ++e) dp[e] = aux.dprob.empty() ? 0.0f : aux.dprob[std::size_t(e)];
+        if (has_seq)
+          for (index_t e = 0; e < E; ++e) dp[e] += aux.dprob_seq[std::size_t((t0 / seq_len) * E + e)];
+      }
+      for (index_t t = t0; t < t1; ++t) {
+        bool bad = false;
+        float* z = r.z.data();
+        const float m = cpu::load_row(x.row_ptr(t), E, c.non_finite, z, bad);
+        const float* p = nullptr;
+        const float lse = cpu::score_row<Sc>(z, E, m, r, &p);
+        const float* s = r.s.data();
+        float* ds = r.ds.data();
+        float* dzr = dz.row_ptr(t);
+        const std::int32_t* ids = rv.ids.data() + t * k;
+        if constexpr (Sc::form == ScoreForm::softmax) {
+          if (dp)
+            std::copy(dp, dp + E, ds);
+          else
+            std::fill(ds, ds + E, 0.0f);
+          reference_gates_backward_row<Sc>(s, ids, k, c, dg.row_ptr(t), ds, dzr);
+          const float dot = float(cpu::dot_f64(s, ds, E));
+          index_t i = 0;
+#if MOEROUTE_CPU_SIMD
+          for (; i < cpu::vec_end(E); i += cpu::W)
+            (cpu::vf::load_unaligned(s + i) * (cpu::vf::load_unaligned(ds + i) - cpu::vf(dot)))
+                .store_unaligned(dzr + i);
+#endif
+          for (; i < E; ++i) dzr[i] = s[i] * (ds[i] - dot);
+        } else if constexpr (Sc::form == ScoreForm::softmax_selected) {
+          std::fill(dzr, dzr + E, 0.0f);
+          reference_gates_backward_row<Sc>(z, ids, k, c, dg.row_ptr(t), ds, dzr);
+          if (dp) {
+            const float dot = float(cpu::dot_f64(p, dp, E));
+            index_t i = 0;
+#if MOEROUTE_CPU_SIMD
+            for (; i < cpu::vec_end(E); i += cpu::W)
+              (cpu::vf::load_unaligned(dzr + i) +
+               cpu::vf::load_unaligned(p + i) * (cpu::vf::load_unaligned(dp + i) - cpu::vf(dot)))
+                  .store_unaligned(dzr + i);
+#endif
+            for (; i < E; ++i) dzr[i] += p[i] * (dp[i] - dot);
+          }
+        } else {
+          std::fill(ds, ds + E, 0.0f);
+          reference_gates_backward_row<Sc>(s, ids, k, c, dg.row_ptr(t), ds, dzr);
+          if (dp) {
+            const float dot = float(cpu::dot_f64(p, dp, E));
+            const float denom = float(cpu::canonical_sum_simd(s, E)) + normalize_epsilon;
+            index_t i = 0;
+#if MOEROUTE_CPU_SIMD
+            for (; i < cpu::vec_end(E); i += cpu::W)
+              (cpu::vf::load_unaligned(ds + i) + (cpu::vf::load_unaligned(dp + i) - cpu::vf(dot)) / cpu::vf(denom))
+                  .store_unaligned(ds + i);
+#endif
+            for (; i < E; ++i) ds[i] += (dp[i] - dot) / denom;
+          }
+          index_t i = 0;
+          if constexpr (std::is_same_v<Sc, Sigmoid>) {
+#if MOEROUTE_CPU_SIMD
+            for (; i < cpu::vec_end(E); i += cpu::W) {
+              const cpu::vf sv = cpu::vf::load_unaligned(s + i);
+              (cpu::vf::load_unaligned(ds + i) * (sv * (cpu::vf(1.0f) - sv))).store_unaligned(dzr + i);
+            }
+#endif
+          }
+          for (; i < E; ++i) dzr[i] = ds[i] * Sc::derivative(z[i], s[i]);
+        }
+        if (dlse != 0.0f) {  // z-loss: 2 · dlse_sq · lse · softmax(z)
+          const float coef = 2.0f * dlse * lse;
+          index_t i = 0;
+#if MOEROUTE_CPU_SIMD
+          for (; i < cpu::vec_end(E); i += cpu::W)
+            (cpu::vf::load_unaligned(dzr + i) + cpu::vf(coef) * cpu::exp(cpu::vf::load_unaligned(z + i) - cpu::vf(lse)))
+                .store_unaligned(dzr + i);
+#endif
+          for (; i < E; ++i) dzr[i] += coef * exp_f32(z[i] - lse);
+        }
+      }
+    });
+  }
+
+  ReferenceEngine<Sc, Se> ref_;
+  std::shared_ptr<ThreadPool> pool_;
+  ParallelFor user_;
+  std::vector<index_t> starts_;
+  std::vector<double> acc_, lse_;
+  std::vector<std::int32_t> cnt_;
+  std::vector<std::uint8_t> bad_;
+};
+
+}  // namespace detail
+
+/// Backend tag: the fast host backend (SIMD over experts, threads over tokens). Configure the
+/// threads through the router's engine: `router.engine().set_threads(n)`.
+struct CpuBackend {
+  static constexpr const char* name = "cpu";
+  template <ScoringPolicy Sc, SelectionPolicy Se>
+  using engine = detail::CpuEngine<Sc, Se>;
+};
+
+}  // namespace moeroute

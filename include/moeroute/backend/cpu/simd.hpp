@@ -1,0 +1,334 @@
+// moeroute — the SIMD kernels of the CPU backend (xsimd), one row of logits at a time.
+//
+// The instruction set is chosen at compile time from the compiler's target flags:
+// AVX-512 (16 fp32 lanes), AVX2 + FMA (8 lanes), otherwise a scalar path. Every kernel
+// reproduces the exact IEEE operation sequence of detail/math.hpp (exp_f32 and the 8-lane
+// canonical fp64 sum), so scores, keys and hence expert ids are bit-identical to the
+// reference backend. The vector exp needs a fused multiply-add in hardware, which is why
+// SSE-only targets (and builds without xsimd) take the scalar path. The forward pass has no
+// a·b + c a compiler could contract, so ids and gates do not depend on -ffp-contract; the
+// backward's gradients can differ in their last bits under contraction (GCC's C++ default),
+// within the 1e-6 relative contract. The tests and benchmarks build with -ffp-contract=off.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "../../core.hpp"
+#include "../../detail/math.hpp"
+
+#if (defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))) && __has_include(<xsimd/xsimd.hpp>)
+#define MOEROUTE_CPU_HAVE_XSIMD 1
+#include <immintrin.h>
+
+#include <xsimd/xsimd.hpp>
+#else
+#define MOEROUTE_CPU_HAVE_XSIMD 0
+#endif
+
+namespace moeroute::detail::cpu {
+
+#if MOEROUTE_CPU_HAVE_XSIMD && defined(__AVX512F__)
+#define MOEROUTE_CPU_SIMD 1
+using simd_arch = xsimd::avx512f;
+/// Human-readable name of the instruction set the CPU backend was compiled for.
+inline constexpr const char* simd_name = "avx512";
+#elif MOEROUTE_CPU_HAVE_XSIMD
+#define MOEROUTE_CPU_SIMD 1
+using simd_arch = xsimd::fma3<xsimd::avx2>;
+inline constexpr const char* simd_name = "avx2+fma";
+#else
+#define MOEROUTE_CPU_SIMD 0
+inline constexpr const char* simd_name = "scalar";
+#endif
+
+#if MOEROUTE_CPU_SIMD
+using vf = xsimd::batch<float, simd_arch>;
+using vi = xsimd::batch<std::int32_t, simd_arch>;
+/// fp32 lanes per register.
+inline constexpr index_t W = index_t(vf::size);
+static_assert(W % canonical_lanes == 0 || canonical_lanes % W == 0);
+
+/// Bit i set where lane i of `b` is true.
+inline std::uint32_t movemask(xsimd::batch_bool<float, simd_arch> b) noexcept {
+#if defined(__AVX512F__)
+  return std::uint32_t(b.data);
+#else
+  return std::uint32_t(_mm256_movemask_ps(b.data));
+#endif
+}
+
+/// Fused a·b + c, one rounding (xsimd 8's AVX-512 kernel set has no fused fma of its own).
+inline vf fma(vf a, vf b, vf c) noexcept {
+#if defined(__AVX512F__)
+  return vf(_mm512_fmadd_ps(a.data, b.data, c.data));
+#else
+  return vf(_mm256_fmadd_ps(a.data, b.data, c.data));
+#endif
+}
+
+/// True in the NaN lanes (xsimd's != is an ordered compare, false for NaN).
+inline xsimd::batch_bool<float, simd_arch> isnan(vf x) noexcept { return !(x == x); }
+
+/// exp_f32 on every lane, with the scalar function's exact operation sequence.
+inline vf exp(vf x) noexcept {
+  namespace c = exp_constants;
+  const vf n = xsimd::nearbyint(x * vf(c::log2e));
+  vf r = cpu::fma(n, vf(-c::ln2_hi), x);
+  r = cpu::fma(n, vf(-c::ln2_lo), r);
+  vf p = cpu::fma(vf(c::p0), r, vf(c::p1));
+  p = cpu::fma(p, r, vf(c::p2));
+  p = cpu::fma(p, r, vf(c::p3));
+  p = cpu::fma(p, r, vf(c::p4));
+  p = cpu::fma(p, r, vf(c::p5));
+  const vf r2 = r * r;
+  const vf y = cpu::fma(p, r2, r) + vf(1.0f);
+  // 2^n as two power-of-two factors; h = trunc(n / 2) as C's integer division does
+  const vi ni = xsimd::batch_cast<std::int32_t>(n);
+  const vi h = xsimd::batch_cast<std::int32_t>(xsimd::trunc(n * vf(0.5f)));
+  const vf s1 = xsimd::bitwise_cast<vf>((h + vi(127)) << 23);
+  const vf s2 = xsimd::bitwise_cast<vf>(((ni - h) + vi(127)) << 23);
+  vf out = (y * s1) * s2;
+  out = xsimd::select(x < vf(c::underflow), vf(0.0f), out);
+  const vf big = xsimd::select(cpu::isnan(x), x, vf(INFINITY));
+  return xsimd::select(x < vf(c::overflow), out, big);
+}
+
+/// Loads W logits as fp32 (bf16 and fp16 are widened in registers).
+template <class L>
+inline vf load(const L* p) noexcept {
+  if constexpr (std::is_same_v<L, float>) {
+    return vf::load_unaligned(p);
+  } else if constexpr (std::is_same_v<L, bfloat16>) {
+#if defined(__AVX512F__)
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return vf(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+#else
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return vf(_mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+#endif
+  } else {
+#if defined(__AVX512F__)
+    return vf(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#elif defined(__F16C__)
+    return vf(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+    alignas(64) float tmp[W];
+    for (index_t i = 0; i < W; ++i) tmp[i] = to_float(p[i]);
+    return vf::load_aligned(tmp);
+#endif
+  }
+}
+
+/// The canonical 8-lane fp64 accumulator held in registers.
+struct CanonicalAcc {
+#if defined(__AVX512F__)
+  __m512d a = _mm512_setzero_pd();
+  void add(vf x) noexcept {  // elements i and i+8 both go to lane i % 8, in index order
+    a = _mm512_add_pd(a, _mm512_cvtps_pd(_mm512_castps512_ps256(x.data)));
+    a = _mm512_add_pd(a, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x.data), 1))));
+  }
+  void store(double* lanes) const noexcept { _mm512_storeu_pd(lanes, a); }
+#else
+  __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
+  void add(vf x) noexcept {
+    lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(x.data)));
+    hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(x.data, 1)));
+  }
+  void store(double* lanes) const noexcept {
+    _mm256_storeu_pd(lanes, lo);
+    _mm256_storeu_pd(lanes + 4, hi);
+  }
+#endif
+};
+
+/// acc[0..W) += double(x[0..W)) (per-expert fp64 statistics).
+inline void add_f64(double* acc, vf x) noexcept {
+#if defined(__AVX512F__)
+  const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x.data));
+  const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x.data), 1)));
+  _mm512_storeu_pd(acc, _mm512_add_pd(_mm512_loadu_pd(acc), lo));
+  _mm512_storeu_pd(acc + 8, _mm512_add_pd(_mm512_loadu_pd(acc + 8), hi));
+#else
+  const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(x.data));
+  const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(x.data, 1));
+  _mm256_storeu_pd(acc, _mm256_add_pd(_mm256_loadu_pd(acc), lo));
+  _mm256_storeu_pd(acc + 4, _mm256_add_pd(_mm256_loadu_pd(acc + 4), hi));
+#endif
+}
+
+/// Σ double(a_i)·double(b_i) over W lanes into an fp64 accumulator register pair.
+struct DotAcc {
+  CanonicalAcc acc;
+  void add(vf a, vf b) noexcept {
+#if defined(__AVX512F__)
+    const __m512d alo = _mm512_cvtps_pd(_mm512_castps512_ps256(a.data));
+    const __m512d ahi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a.data), 1)));
+    const __m512d blo = _mm512_cvtps_pd(_mm512_castps512_ps256(b.data));
+    const __m512d bhi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(b.data), 1)));
+    acc.a = _mm512_add_pd(acc.a, _mm512_mul_pd(alo, blo));
+    acc.a = _mm512_add_pd(acc.a, _mm512_mul_pd(ahi, bhi));
+#else
+    const __m256d alo = _mm256_cvtps_pd(_mm256_castps256_ps128(a.data));
+    const __m256d ahi = _mm256_cvtps_pd(_mm256_extractf128_ps(a.data, 1));
+    const __m256d blo = _mm256_cvtps_pd(_mm256_castps256_ps128(b.data));
+    const __m256d bhi = _mm256_cvtps_pd(_mm256_extractf128_ps(b.data, 1));
+    acc.lo = _mm256_add_pd(acc.lo, _mm256_mul_pd(alo, blo));
+    acc.hi = _mm256_add_pd(acc.hi, _mm256_mul_pd(ahi, bhi));
+#endif
+  }
+};
+#else
+inline constexpr index_t W = 1;
+#endif
+
+/// Combines the canonical lanes as ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7)).
+inline double combine_lanes(const double* l) noexcept {
+  return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+}
+
+/// Index of the first element of the scalar tail of a row of n (vector part before it).
+inline index_t vec_end(index_t n) noexcept { return n - n % W; }
+
+/// Loads a row of logits as fp32 into z[0..n), applying nan_as_neg_inf. Returns the row's max
+/// (the router uses it for the softmax) and sets `bad` when the row has a logit the policy
+/// rejects (or no finite logit): the caller then reports it through the reference check.
+template <class L>
+inline float load_row(const L* row, index_t n, NonFinite nf, float* z, bool& bad) noexcept {
+  const bool nan_ok = nf == NonFinite::nan_as_neg_inf;
+  float m = -INFINITY;
+  index_t i = 0;
+#if MOEROUTE_CPU_SIMD
+  const vf inf(INFINITY);
+  vf vm(-INFINITY);
+  xsimd::batch_bool<float, simd_arch> vbad(false);
+  for (; i < vec_end(n); i += W) {
+    vf x = load(row + i);
+    const auto nan = cpu::isnan(x);
+    vbad = vbad | (!(xsimd::abs(x) < inf) & !(nan & xsimd::batch_bool<float, simd_arch>(nan_ok)));
+    if (nan_ok) x = xsimd::select(nan, -inf, x);
+    x.store_unaligned(z + i);
+    vm = xsimd::max(vm, x);
+  }
+  if (xsimd::any(vbad)) bad = true;
+  alignas(64) float lanes[W];
+  vm.store_aligned(lanes);
+  for (index_t l = 0; l < W; ++l) m = std::max(m, lanes[l]);
+#endif
+  for (; i < n; ++i) {
+    float v = to_float(row[i]);
+    if (v != v) {
+      if (nan_ok)
+        v = -INFINITY;
+      else
+        bad = true;
+    } else if (!std::isfinite(v)) {
+      bad = true;
+    }
+    z[i] = v;
+    m = std::max(m, v);
+  }
+  if (m == -INFINITY) bad = true;  // every logit was NaN
+  return m;
+}
+
+/// e_i = exp_f32(z_i - m) into out; returns the canonical fp64 sum of the e_i.
+inline double exp_sum(const float* z, index_t n, float m, float* out) noexcept {
+  double lanes[canonical_lanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  index_t i = 0;
+#if MOEROUTE_CPU_SIMD
+  const index_t end = vec_end(n);  // W is a multiple of 8: lane i % 8 is fixed per register slot
+  CanonicalAcc acc;
+  const vf vm(m);
+  for (; i < end; i += W) {
+    const vf e = cpu::exp(vf::load_unaligned(z + i) - vm);
+    e.store_unaligned(out + i);
+    acc.add(e);
+  }
+  acc.store(lanes);
+#endif
+  for (; i < n; ++i) {
+    out[i] = exp_f32(z[i] - m);
+    lanes[i % canonical_lanes] += double(out[i]);
+  }
+  return combine_lanes(lanes);
+}
+
+/// canonical_sum(x, n) with registers.
+inline double canonical_sum_simd(const float* x, index_t n) noexcept {
+  double lanes[canonical_lanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  index_t i = 0;
+#if MOEROUTE_CPU_SIMD
+  const index_t end = vec_end(n);
+  CanonicalAcc acc;
+  for (; i < end; i += W) acc.add(vf::load_unaligned(x + i));
+  acc.store(lanes);
+#endif
+  for (; i < n; ++i) lanes[i % canonical_lanes] += double(x[i]);
+  return combine_lanes(lanes);
+}
+
+/// Σ_i double(a_i)·double(b_i) in fp64 (lane-parallel order; used only for gradients, whose
+/// contract is a relative tolerance).
+inline double dot_f64(const float* a, const float* b, index_t n) noexcept {
+  double lanes[canonical_lanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  index_t i = 0;
+#if MOEROUTE_CPU_SIMD
+  const index_t end = vec_end(n);
+  DotAcc acc;
+  for (; i < end; i += W) acc.add(vf::load_unaligned(a + i), vf::load_unaligned(b + i));
+  acc.acc.store(lanes);
+#endif
+  for (; i < n; ++i) lanes[i % canonical_lanes] += double(a[i]) * double(b[i]);
+  return combine_lanes(lanes);
+}
+
+/// x[i] *= c.
+inline void scale(float* x, index_t n, float c) noexcept {
+  index_t i = 0;
+#if MOEROUTE_CPU_SIMD
+  for (; i < vec_end(n); i += W) (vf::load_unaligned(x + i) * vf(c)).store_unaligned(x + i);
+#endif
+  for (; i < n; ++i) x[i] *= c;
+}
+
+/// out[i] = a[i] + b[i].
+inline void add(const float* a, const float* b, index_t n, float* out) noexcept {
+  index_t i = 0;
+#if MOEROUTE_CPU_SIMD
+  for (; i < vec_end(n); i += W) (vf::load_unaligned(a + i) + vf::load_unaligned(b + i)).store_unaligned(out + i);
+#endif
+  for (; i < n; ++i) out[i] = a[i] + b[i];
+}
+
+/// out[i] = x[i] / d.
+inline void divide(const float* x, index_t n, float d, float* out) noexcept {
+  index_t i = 0;
+#if MOEROUTE_CPU_SIMD
+  for (; i < vec_end(n); i += W) (vf::load_unaligned(x + i) / vf(d)).store_unaligned(out + i);
+#endif
+  for (; i < n; ++i) out[i] = x[i] / d;
+}
+
+/// acc[i] += double(x[i]).
+inline void accumulate_f64(double* acc, const float* x, index_t n) noexcept {
+  index_t i = 0;
+#if MOEROUTE_CPU_SIMD
+  for (; i < vec_end(n); i += W) add_f64(acc + i, vf::load_unaligned(x + i));
+#endif
+  for (; i < n; ++i) acc[i] += double(x[i]);
+}
+
+/// s_i = σ(z_i) = 1 / (1 + exp_f32(-z_i)).
+inline void sigmoid(const float* z, index_t n, float* s) noexcept {
+  index_t i = 0;
+#if MOEROUTE_CPU_SIMD
+  for (; i < vec_end(n); i += W) (vf(1.0f) / (vf(1.0f) + cpu::exp(-vf::load_unaligned(z + i)))).store_unaligned(s + i);
+#endif
+  for (; i < n; ++i) s[i] = sigmoid_f32(z[i]);
+}
+
+}  // namespace moeroute::detail::cpu

@@ -1,0 +1,355 @@
+// CpuBackend against ReferenceBackend (the ground truth, a separate scalar implementation):
+// identical ids and counts, gate weights, probability sums and gradients within 1e-6
+// relative, for thread counts 1, 2, 3 and 7, many E and k, ties, huge logits, bf16/fp16,
+// strided rows, renormalisation and scaling, every scoring form, GroupTopK, and a balancer that
+// sets a selection bias and aux-loss gradients (dprob, per-sequence dprob, z-loss).
+// The same source is built for each instruction set the build machine has (see
+// tests/cmake/test_cpu_backend.cmake); the path under test is printed.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdio>
+#include <moeroute/backend/cpu/engine.hpp>
+#include <moeroute/moeroute.hpp>
+#include <numeric>
+#include <random>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+namespace mr = moeroute;
+using mr::index_t;
+
+namespace {
+
+/// A test balancer that touches every hook a backend serves: a score-space selection bias,
+/// ∂L/∂p per expert and per sequence, and a z-loss coefficient.
+struct TestBalancer {
+  struct Config {
+    float bias_scale = 0.05f;
+    float dprob_scale = 0.3f;
+    float zloss = 1e-3f;
+  };
+  static constexpr const char* name = "test_balancer";
+  static constexpr bool needs_sequence_stats = true;
+  TestBalancer(index_t experts, const Config& c) : E(experts), cfg(c) {}
+
+  void selection_bias(std::span<float> b) const {
+    for (index_t e = 0; e < E; ++e) b[std::size_t(e)] = cfg.bias_scale * float((e * 37) % 11) / 11.0f;
+  }
+  float aux_loss(const mr::BalanceStats& s, mr::AuxGradient& g) const {
+    float loss = 0.0f;
+    for (index_t e = 0; e < E; ++e) {
+      const float f = float(s.counts[std::size_t(e)]) / float(std::max<index_t>(s.assignments, 1));
+      g.dprob[std::size_t(e)] += cfg.dprob_scale * (f - 1.0f / float(E)) * float(e % 5 + 1);
+      loss += f * s.prob_sums[std::size_t(e)];
+    }
+    for (std::size_t i = 0; i < g.dprob_seq.size(); ++i) g.dprob_seq[i] += 0.01f * float(int(i % 7) - 3);
+    g.any_dprob = true;
+    g.dlse_sq += cfg.zloss;
+    return loss;
+  }
+  index_t E;
+  Config cfg;
+};
+
+template <class L>
+L element_of(float x) {
+  if constexpr (std::is_same_v<L, float>)
+    return x;
+  else
+    return L(x);
+}
+
+enum class Kind { random, ties, huge, mixed };
+
+/// Logits [T, stride] (the columns past E hold garbage that must be ignored).
+template <class L>
+std::vector<L> make_logits(index_t T, index_t E, index_t stride, Kind kind, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.0f, 2.0f);
+  std::uniform_int_distribution<int> small(-3, 3);
+  std::vector<L> x(std::size_t(T * stride), element_of<L>(1e30f));
+  for (index_t t = 0; t < T; ++t)
+    for (index_t e = 0; e < E; ++e) {
+      float v = nd(rng);
+      if (kind == Kind::ties) v = 0.5f * float(small(rng));  // many exactly equal keys
+      if (kind == Kind::huge) v = (e % 3 == 0 ? 3e4f : -2e4f) + 100.0f * nd(rng);
+      if (kind == Kind::mixed) v = (t % 3 == 0) ? 0.25f * float(small(rng)) : 30.0f * nd(rng);
+      x[std::size_t(t * stride + e)] = element_of<L>(v);
+    }
+  return x;
+}
+
+bool close(float a, float b, double rel, double abs_floor = 0.0) {
+  return std::fabs(double(a) - double(b)) <= rel * std::fabs(double(b)) + abs_floor;
+}
+
+/// Routes and backpropagates the same batch through a reference and a CPU router; checks the
+/// CPU results for each thread count.
+template <class Sel, class Sc, class Bal, class L>
+void compare(const mr::RouterConfig& cfg, index_t T, index_t stride, Kind kind, unsigned seed,
+             std::initializer_list<int> thread_counts = {1, 2, 3, 7}) {
+  const index_t E = cfg.num_experts;
+  const std::vector<L> data = make_logits<L>(T, E, stride, kind, seed);
+  const mr::MatrixView<const L> x(data.data(), T, E, stride);
+
+  mr::Router<Sel, Bal, mr::ReferenceBackend, Sc> ref(cfg);
+  mr::RoutingBuffers rb;
+  mr::RoutingView rr = ref.make_output(rb, T);
+  ref.route(x, rr);
+  const index_t k = rr.slots;
+  std::vector<float> dg(std::size_t(rr.rows() * k));
+  std::mt19937 rng(seed + 1);
+  std::uniform_real_distribution<float> ud(-1.0f, 1.0f);
+  for (auto& v : dg) v = ud(rng);
+  const mr::MatrixView<const float> dgv(dg.data(), rr.rows(), k);
+  std::vector<float> dz_ref(std::size_t(T * E)), dz(std::size_t(T * E));
+  ref.backward(x, rr, dgv, mr::MatrixView<float>(dz_ref.data(), T, E));
+
+  for (int threads : thread_counts) {
+    CAPTURE(threads);
+    mr::Router<Sel, Bal, mr::CpuBackend, Sc> cpu(cfg);
+    cpu.engine().set_threads(threads);
+    mr::RoutingBuffers cb;
+    mr::RoutingView cr = cpu.make_output(cb, T);
+    cpu.route(x, cr);
+    REQUIRE(std::equal(cr.ids.begin(), cr.ids.end(), rr.ids.begin()));
+    REQUIRE(std::equal(cr.counts.begin(), cr.counts.end(), rr.counts.begin()));
+    REQUIRE(std::equal(cr.seq_counts.begin(), cr.seq_counts.end(), rr.seq_counts.begin()));
+    for (std::size_t i = 0; i < cr.gates.size(); ++i) REQUIRE(close(cr.gates[i], rr.gates[i], 1e-6));
+    for (index_t e = 0; e < E; ++e)
+      REQUIRE(close(cr.prob_sums[std::size_t(e)], rr.prob_sums[std::size_t(e)], 1e-6, 1e-30));
+    for (std::size_t i = 0; i < cr.seq_prob_sums.size(); ++i)
+      REQUIRE(close(cr.seq_prob_sums[i], rr.seq_prob_sums[i], 1e-6, 1e-30));
+    REQUIRE(close(float(cr.global_lse_sq_sum), float(rr.global_lse_sq_sum), 1e-6, 1e-30));
+    REQUIRE(close(cr.aux_loss, rr.aux_loss, 1e-6, 1e-30));
+
+    cpu.backward(x, cr, dgv, mr::MatrixView<float>(dz.data(), T, E));
+    for (index_t t = 0; t < T; ++t) {
+      float scale = 0.0f;
+      for (index_t e = 0; e < E; ++e) scale = std::max(scale, std::fabs(dz_ref[std::size_t(t * E + e)]));
+      for (index_t e = 0; e < E; ++e) {
+        const std::size_t i = std::size_t(t * E + e);
+        if (!close(dz[i], dz_ref[i], 1e-6, 1e-6 * scale + 1e-30))
+          std::fprintf(stderr, "%s %s k=%d renorm=%d scale=%g\n", Sc::name, Sel::name, int(k), int(cfg.renormalize),
+                       double(scale));
+        INFO("token ", t, " expert ", e, " cpu ", dz[i], " reference ", dz_ref[i]);
+        REQUIRE(close(dz[i], dz_ref[i], 1e-6, 1e-6 * scale + 1e-30));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("cpu backend: instruction set") {
+  std::printf("CpuBackend kernels: %s (%d fp32 lanes)\n", mr::detail::cpu::simd_name, int(mr::detail::cpu::W));
+  CHECK(mr::detail::cpu::W >= 1);
+}
+
+TEST_CASE("cpu backend: threshold top-k equals a stable sort") {
+  std::mt19937 rng(7);
+  std::uniform_int_distribution<int> small(-4, 4);
+  for (index_t E : {1, 5, 16, 17, 100, 333}) {
+    for (index_t k : {1, 2, 3, 8, 16, 64}) {
+      if (k > E) continue;
+      std::vector<float> key(std::size_t(mr::detail::cpu::padded(E)), -INFINITY);
+      for (index_t e = 0; e < E; ++e) key[std::size_t(e)] = float(small(rng)) * (e % 2 ? 1.0f : 0.5f);
+      if (E > 3) key[2] = -INFINITY;
+      std::vector<int> order(static_cast<std::size_t>(E));
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(),
+                       [&](int a, int b) { return key[std::size_t(a)] > key[std::size_t(b)]; });
+      std::vector<std::int32_t> ids(static_cast<std::size_t>(k));
+      mr::detail::cpu::topk_row(key.data(), E, k, ids.data());
+      for (index_t j = 0; j < k; ++j) REQUIRE(ids[std::size_t(j)] == order[std::size_t(j)]);
+    }
+  }
+}
+
+TEST_CASE("cpu backend: softmax top-k over E and k, all thread counts") {
+  for (index_t E : {1, 7, 64, 257, 1000, 4096}) {
+    for (index_t k : {1, 2, 8, 64}) {
+      if (k > E || (k == 64 && E < 64)) continue;
+      CAPTURE(E);
+      CAPTURE(k);
+      mr::RouterConfig cfg;
+      cfg.num_experts = E;
+      cfg.top_k = k;
+      const index_t T = E >= 1000 ? 150 : 300;
+      compare<mr::TopKRuntime, mr::Softmax, mr::NoBalancing, float>(cfg, T, E, Kind::random, unsigned(E * 131 + k));
+    }
+  }
+}
+
+TEST_CASE("cpu backend: ties, huge logits, strides, renormalisation and scaling") {
+  for (Kind kind : {Kind::ties, Kind::huge, Kind::mixed}) {
+    for (index_t E : {7, 64, 257}) {
+      CAPTURE(int(kind));
+      CAPTURE(E);
+      mr::RouterConfig cfg;
+      cfg.num_experts = E;
+      cfg.renormalize = E != 64;
+      cfg.scaling = E == 257 ? 2.5f : 1.0f;
+      compare<mr::TopK<2>, mr::Softmax, mr::NoBalancing, float>(cfg, 200, E + 5, kind, unsigned(E) + 3u);
+      if (E >= 8) compare<mr::TopK<8>, mr::Softmax, TestBalancer, float>(cfg, 256, E + 3, kind, unsigned(E) + 9u);
+    }
+  }
+}
+
+TEST_CASE("cpu backend: every scoring form with a balancer (bias, dprob, per-sequence dprob, z-loss)") {
+  for (index_t E : {7, 64, 257}) {
+    CAPTURE(E);
+    mr::RouterConfig cfg;
+    cfg.num_experts = E;
+    cfg.sequence_length = 100;  // T = 300: three sequences, chunks split at their boundaries
+    cfg.renormalize = true;
+    compare<mr::TopK<4>, mr::Softmax, TestBalancer, float>(cfg, 300, E, Kind::random, 11u);
+    compare<mr::TopK<4>, mr::Sigmoid, TestBalancer, float>(cfg, 300, E, Kind::random, 12u);
+    compare<mr::TopK<4>, mr::SqrtSoftplus, TestBalancer, float>(cfg, 300, E, Kind::mixed, 13u);
+    compare<mr::TopK<4>, mr::SoftmaxOverSelected, TestBalancer, float>(cfg, 300, E, Kind::ties, 14u);
+    cfg.renormalize = false;
+    cfg.scaling = 1.5f;
+    compare<mr::TopK<4>, mr::Sigmoid, TestBalancer, float>(cfg, 300, E, Kind::ties, 15u);
+    compare<mr::TopK<4>, mr::SqrtSoftplus, mr::NoBalancing, float>(cfg, 300, E, Kind::huge, 16u);
+  }
+}
+
+TEST_CASE("cpu backend: bf16 and fp16 logits") {
+  for (index_t E : {7, 64, 257}) {
+    CAPTURE(E);
+    mr::RouterConfig cfg;
+    cfg.num_experts = E;
+    cfg.renormalize = true;
+    compare<mr::TopK<2>, mr::Softmax, TestBalancer, mr::bfloat16>(cfg, 260, E + 1, Kind::random, 21u);
+    compare<mr::TopK<2>, mr::Softmax, mr::NoBalancing, mr::bfloat16>(cfg, 260, E, Kind::ties, 22u);
+    compare<mr::TopK<2>, mr::Sigmoid, TestBalancer, mr::float16>(cfg, 260, E + 9, Kind::random, 23u);
+    compare<mr::TopK<2>, mr::Softmax, mr::NoBalancing, mr::float16>(cfg, 260, E, Kind::mixed, 24u);
+  }
+}
+
+TEST_CASE("cpu backend: GroupTopK") {
+  mr::RouterConfig cfg;
+  cfg.num_experts = 256;
+  cfg.renormalize = true;
+  cfg.scaling = 2.5f;
+  compare<mr::GroupTopK<8, 8, 4>, mr::Sigmoid, TestBalancer, float>(cfg, 300, 256, Kind::random, 31u);
+  compare<mr::GroupTopK<8, 8, 4>, mr::Softmax, mr::NoBalancing, float>(cfg, 300, 256, Kind::ties, 32u);
+  cfg.num_experts = 68;  // groups of 17
+  compare<mr::GroupTopK<6, 4, 2, mr::GroupScore::max>, mr::Softmax, TestBalancer, mr::bfloat16>(cfg, 300, 70,
+                                                                                                Kind::ties, 33u);
+  compare<mr::GroupTopK<3, 4, 1>, mr::SoftmaxOverSelected, mr::NoBalancing, float>(cfg, 300, 68, Kind::mixed, 34u);
+}
+
+TEST_CASE("cpu backend: NaN as -inf, and the reference's error for a non-finite logit") {
+  const index_t T = 300, E = 33;
+  std::vector<float> x = make_logits<float>(T, E, E, Kind::random, 41u);
+  for (index_t t = 0; t < T; t += 7) x[std::size_t(t * E + (t % E))] = NAN;
+  mr::RouterConfig cfg;
+  cfg.num_experts = E;
+  cfg.non_finite = mr::NonFinite::nan_as_neg_inf;
+  mr::Router<mr::TopK<3>, mr::NoBalancing, mr::ReferenceBackend> ref(cfg);
+  mr::Router<mr::TopK<3>, mr::NoBalancing, mr::CpuBackend> cpu(cfg);
+  cpu.engine().set_threads(3);
+  mr::RoutingBuffers b1, b2;
+  auto r1 = ref.make_output(b1, T);
+  auto r2 = cpu.make_output(b2, T);
+  ref.route(mr::MatrixView<const float>(x.data(), T, E), r1);
+  cpu.route(mr::MatrixView<const float>(x.data(), T, E), r2);
+  CHECK(std::equal(r1.ids.begin(), r1.ids.end(), r2.ids.begin()));
+  CHECK(std::equal(r1.gates.begin(), r1.gates.end(), r2.gates.begin()));
+
+  cfg.non_finite = mr::NonFinite::error;
+  mr::Router<mr::TopK<3>, mr::NoBalancing, mr::ReferenceBackend> ref2(cfg);
+  mr::Router<mr::TopK<3>, mr::NoBalancing, mr::CpuBackend> cpu2(cfg);
+  cpu2.engine().set_threads(2);
+  x.assign(std::size_t(T * E), 0.5f);
+  x[std::size_t(250 * E + 4)] = INFINITY;  // a later chunk fails first in wall-clock order too
+  x[std::size_t(140 * E + 30)] = NAN;      // the first bad token
+  std::string m1, m2;
+  try {
+    ref2.route(mr::MatrixView<const float>(x.data(), T, E), r1);
+  } catch (const mr::non_finite_error& e) {
+    m1 = e.what();
+  }
+  try {
+    cpu2.route(mr::MatrixView<const float>(x.data(), T, E), r2);
+  } catch (const mr::non_finite_error& e) {
+    m2 = e.what();
+  }
+  CHECK(!m1.empty());
+  CHECK(m1 == m2);
+  CHECK_THROWS_AS(cpu2.engine().set_threads(0), mr::invalid_argument);
+}
+
+TEST_CASE("cpu backend: a user parallel-for and a shared pool give the same results") {
+  const index_t T = 1000, E = 64;
+  const std::vector<float> x = make_logits<float>(T, E, E, Kind::random, 51u);
+  mr::RouterConfig cfg;
+  cfg.num_experts = E;
+  mr::Router<mr::TopK<8>, mr::NoBalancing, mr::ReferenceBackend> ref(cfg);
+  mr::Router<mr::TopK<8>, mr::NoBalancing, mr::CpuBackend> a(cfg), b(cfg);
+  std::atomic<int> calls{0};
+  // a crude "engine pool": each body on its own std::thread, in reverse order
+  a.engine().set_parallel_for([&](index_t n, const std::function<void(index_t)>& body) {
+    ++calls;
+    std::vector<std::thread> ts;
+    for (index_t i = n - 1; i >= 0; --i) ts.emplace_back([&body, i] { body(i); });
+    for (auto& t : ts) t.join();
+  });
+  auto pool = std::make_shared<mr::ThreadPool>(4);
+  b.engine().set_thread_pool(pool);
+  CHECK(b.engine().threads() == 4);
+  mr::RoutingBuffers b0, b1, b2;
+  auto r0 = ref.make_output(b0, T);
+  auto r1 = a.make_output(b1, T);
+  auto r2 = b.make_output(b2, T);
+  const mr::MatrixView<const float> xv(x.data(), T, E);
+  ref.route(xv, r0);
+  a.route(xv, r1);
+  b.route(xv, r2);
+  CHECK(calls.load() > 0);
+  CHECK(std::equal(r0.ids.begin(), r0.ids.end(), r1.ids.begin()));
+  CHECK(std::equal(r0.ids.begin(), r0.ids.end(), r2.ids.begin()));
+  CHECK(std::equal(r1.prob_sums.begin(), r1.prob_sums.end(), r2.prob_sums.begin()));  // same chunk order
+}
+
+TEST_CASE("cpu backend: other selection policies run the reference code") {
+  const index_t T = 90, E = 16;
+  const std::vector<float> x = make_logits<float>(T, E, E, Kind::ties, 61u);
+  mr::RouterConfig cfg;
+  cfg.num_experts = E;
+  cfg.capacity_factor = 1.5f;
+  mr::Router<mr::ExpertChoice, mr::NoBalancing, mr::ReferenceBackend> ref(cfg);
+  mr::Router<mr::ExpertChoice, mr::NoBalancing, mr::CpuBackend> cpu(cfg);
+  cpu.engine().set_threads(2);
+  mr::RoutingBuffers b1, b2;
+  auto r1 = ref.make_output(b1, T);
+  auto r2 = cpu.make_output(b2, T);
+  ref.route(mr::MatrixView<const float>(x.data(), T, E), r1);
+  cpu.route(mr::MatrixView<const float>(x.data(), T, E), r2);
+  CHECK(std::equal(r1.ids.begin(), r1.ids.end(), r2.ids.begin()));
+  CHECK(std::equal(r1.gates.begin(), r1.gates.end(), r2.gates.begin()));
+}
+
+TEST_CASE("cpu backend: the documented snippet") {
+  const index_t T = 512;
+  std::vector<float> logits = make_logits<float>(T, 256, 256, Kind::random, 71u);
+  // --- docs/benchmarks-cpu.md ---
+  mr::RouterConfig cfg;
+  cfg.num_experts = 256;
+  cfg.renormalize = true;
+  mr::Router<mr::TopK<8>, mr::NoBalancing, mr::CpuBackend> router(cfg);
+  router.engine().set_threads(2);  // or set_thread_pool(shared pool) / set_parallel_for(your pool)
+  mr::RoutingBuffers buffers;
+  mr::RoutingView out = router.make_output(buffers, T);
+  router.route(mr::MatrixView<const float>(logits.data(), T, 256), out);
+  // ---
+  std::int64_t total = 0;
+  for (auto c : out.counts) total += c;
+  CHECK(total == T * 8);
+}
