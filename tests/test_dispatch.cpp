@@ -645,3 +645,43 @@ TEST_CASE("the documented engine wiring computes the MoE layer and its backward"
                   MatrixView<float>(dlogits_ref.data(), T, E));
   CHECK((dlogits - dlogits_ref).cwiseAbs().maxCoeff() < 1e-5f);
 }
+
+TEST_CASE("strided views and 16-bit elements in gather; a plan from Router<ExpertChoice>") {
+  const std::vector<std::int32_t> ids = {1, 0, 0, 2, 1, 2};  // T = 3, k = 2, E = 3
+  DispatchPlan plan({.tile = 2});
+  plan.build(ChoiceKind::token, 3, 3, id_view(ids, 3, 2), {});
+  const index_t d = 3, stride = 5, R = plan.rows();
+  std::vector<bfloat16> x(std::size_t(3 * stride));
+  for (std::size_t i = 0; i < x.size(); ++i) x[i] = bfloat16(float(i) + 0.5f);
+  std::vector<bfloat16> buf(std::size_t(R * stride), bfloat16(7.0f));
+  plan.gather(MatrixView<const bfloat16>(x.data(), 3, d, stride), MatrixView<bfloat16>(buf.data(), R, d, stride));
+  for (index_t r = 0; r < R; ++r) {
+    const std::int32_t t = plan.token_of_row()[std::size_t(r)];
+    for (index_t c = 0; c < d; ++c)
+      CHECK(float(buf[std::size_t(r * stride + c)]) == (t < 0 ? 0.0f : float(x[std::size_t(t * stride + c)])));
+    for (index_t c = d; c < stride; ++c) CHECK(float(buf[std::size_t(r * stride + c)]) == 7.0f);  // untouched
+  }
+
+  // expert choice through the router: every expert holds min(C, T) tokens, token-ascending
+  const index_t T = 10, E = 4;
+  Router<ExpertChoice> router({.num_experts = E, .capacity_factor = 2.0f});
+  std::vector<float> logits(std::size_t(T * E));
+  std::mt19937 rng(2);
+  std::normal_distribution<float> normal;
+  for (float& z : logits) z = normal(rng);
+  RoutingBuffers buffers;
+  RoutingView routing = router.make_output(buffers, T);
+  router.route(MatrixView<const float>(logits.data(), T, E), routing);
+  DispatchPlan ec({.tile = 4});
+  ec.build(routing);
+  const index_t C = routing.slots;
+  CHECK(ec.capacity() == C);
+  for (index_t e = 0; e < E; ++e) {
+    CHECK(ec.counts()[std::size_t(e)] == std::min(C, T));
+    CHECK(ec.group_sizes()[std::size_t(e)] % 4 == 0);
+    for (index_t i = 1; i < ec.kept_counts()[std::size_t(e)]; ++i) {
+      const index_t r = ec.offsets()[std::size_t(e)] + i;
+      CHECK(ec.token_of_row()[std::size_t(r - 1)] < ec.token_of_row()[std::size_t(r)]);
+    }
+  }
+}
