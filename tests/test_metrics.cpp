@@ -27,7 +27,7 @@ TEST_CASE("load_stats on hand-computed cases") {
   CHECK(o.cv == doctest::Approx(std::sqrt((9.0 + 81.0 + 9.0 + 9.0) / 4.0) / 3.0));
   CHECK(o.gini == doctest::Approx(0.75));  // (E − 1)/E for a single loaded expert
   CHECK(o.entropy == doctest::Approx(0.0));
-  CHECK(o.dropped_fraction == doctest::Approx(4.0 / 16.0));
+  CHECK(o.dropped_fraction == doctest::Approx(4.0 / 12.0));
 
   const std::vector<std::int64_t> two = {1, 3};
   const auto t = mr::load_stats(two);
@@ -71,7 +71,8 @@ TEST_CASE("BalanceMetrics: per-step, accumulated (global) and CSV") {
   // per-batch MaxVio 3, 3, 1 -> mean 7/3; accumulated loads 4,4,4,4 -> global 0
   CHECK(m.mean_batch_max_vio() == doctest::Approx(7.0 / 3.0));
   CHECK(m.global().max_vio == doctest::Approx(0.0));
-  CHECK(m.global().dropped_fraction == doctest::Approx(2.0 / 18.0));
+  CHECK(m.global().dropped_fraction == doctest::Approx(2.0 / 16.0));
+  CHECK(m.history()[1].dropped_fraction == doctest::Approx(2.0 / 4.0));
   CHECK(m.accumulated_loads()[3] == 4);
 
   std::ostringstream csv;
@@ -86,6 +87,7 @@ TEST_CASE("BalanceMetrics: per-step, accumulated (global) and CSV") {
 
   CHECK_THROWS_AS(m.record(std::vector<std::int64_t>{1, 2, 3}), mr::invalid_argument);
   CHECK_THROWS_AS(m.record(std::vector<std::int64_t>{1, 2, 3, 4}, -1), mr::invalid_argument);
+  CHECK_THROWS_AS(m.record(std::vector<std::int64_t>{1, 2, 3, 4}, 11), mr::invalid_argument);
   CHECK(m.steps() == 3);  // the failed records changed nothing
   CHECK_THROWS_AS(mr::BalanceMetrics(0), mr::invalid_argument);
 }

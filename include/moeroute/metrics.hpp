@@ -28,11 +28,11 @@ struct LoadStats {
   double cv = 0.0;                ///< population standard deviation / c̄
   double gini = 0.0;              ///< Gini coefficient: Σ_i Σ_j |c_i − c_j| / (2 E² c̄), 0 = uniform
   double entropy = 0.0;           ///< −Σ f log f / log E with f = c / Σ c (1 = uniform; E = 1 gives 1)
-  double dropped_fraction = 0.0;  ///< dropped / (Σ c + dropped)
+  double dropped_fraction = 0.0;  ///< dropped / Σ c (c counts every routed assignment)
 };
 
-/// Computes LoadStats of `counts`; `dropped` is the number of assignments dropped by capacity
-/// (counts are the kept ones).
+/// Computes LoadStats of `counts`, the router's assignments per expert (before any capacity
+/// limit); `dropped` is how many of them the dispatch plan dropped.
 inline LoadStats load_stats(std::span<const std::int64_t> counts, std::int64_t dropped = 0) {
   LoadStats r;
   const index_t E = index_t(counts.size());
@@ -43,8 +43,7 @@ inline LoadStats load_stats(std::span<const std::int64_t> counts, std::int64_t d
   r.mean = r.total / double(E);
   r.min = *std::min_element(c.begin(), c.end());
   r.max = *std::max_element(c.begin(), c.end());
-  const double all = r.total + double(dropped);
-  r.dropped_fraction = all > 0.0 ? double(dropped) / all : 0.0;
+  r.dropped_fraction = r.total > 0.0 ? double(dropped) / r.total : 0.0;
   if (r.total <= 0.0) return r;
   r.max_vio = (r.max - r.mean) / r.mean;
   double var = 0.0, h = 0.0;
@@ -78,10 +77,14 @@ class BalanceMetrics {
     detail::require(num_experts >= 1, "num_experts", "E = ", num_experts, " must be >= 1");
   }
 
-  /// Records one step's loads c [E] and the assignments it dropped.
+  /// Records one step's loads c [E] (routed assignments, before capacity) and how many of
+  /// them the dispatch plan dropped.
   void record(std::span<const std::int64_t> counts, std::int64_t dropped = 0) {
     detail::check_span(counts, "counts", index_t(acc_.size()));
-    detail::require(dropped >= 0, "dropped", "dropped = ", dropped, " must be >= 0");
+    std::int64_t total = 0;
+    for (std::int64_t c : counts) total += c;
+    detail::require(dropped >= 0 && dropped <= total, "dropped", "dropped = ", dropped, " must be in [0, ", total,
+                    "] (the step's assignments)");
     history_.push_back(load_stats(counts, dropped));
     for (std::size_t e = 0; e < acc_.size(); ++e) acc_[e] += counts[e];
     dropped_ += dropped;
