@@ -436,6 +436,16 @@ TEST_CASE("Sinkhorn: composes with auxiliary-loss balancers") {
   CHECK(o2.aux_loss == doctest::Approx(L).epsilon(1e-5));
   CHECK(o1.aux_loss == 0.0f);
 
+  // in evaluation the composition also routes by plain top-k
+  both.set_training(false);
+  Router<TopK<2>, NoBalancing> plain(config(E));
+  RoutingBuffers b4;
+  RoutingView o4 = plain.make_output(b4, T);
+  both.route(MatrixView<const float>(z.data(), T, E), o2);
+  plain.route(MatrixView<const float>(z.data(), T, E), o4);
+  CHECK(std::equal(o2.ids.begin(), o2.ids.end(), o4.ids.begin()));
+  CHECK_FALSE(std::equal(o1.ids.begin(), o1.ids.end(), o4.ids.begin()));  // training differed
+
   Router<TopK<2>, Balancers<Sinkhorn, ZLoss>> with_z(config(E));
   RoutingBuffers b3;
   RoutingView o3 = with_z.make_output(b3, T);
