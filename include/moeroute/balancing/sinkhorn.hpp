@@ -84,6 +84,9 @@ inline std::ostream& operator<<(std::ostream& os, const SinkhornStats& s) {
 /// piecewise constant. Outside training the offset is not applied: plain top-k of the scores.
 /// Composes with balancers that do not set a selection key, e.g. Balancers<Sinkhorn, ZLoss>.
 ///
+/// Cost per training batch: one fp64 exp per logit and 2·T·E multiply-adds per iteration on
+/// the host, with a T·E fp64 workspace kept between batches.
+///
 /// Metrics of the last training batch: column_scaling() (d¹), row_scaling() (d⁰, for the
 /// row-shifted K), iterations(), residual(), converged(), stats() (a printable, CSV-ready
 /// summary); and counters over all batches.
