@@ -47,17 +47,32 @@ def main():
     cmap = plt.get_cmap("tab10")
     styles = {name: (cmap(i % 10), "-" if i < 10 else "--") for i, name in enumerate(runs)}
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, (ax, ad) = plt.subplots(1, 2, figsize=(12, 4.8))
+    smoothed = {name: smooth(r["loss"], window) for name, r in runs.items()}
     for name, r in runs.items():
         color, ls = styles[name]
-        ax.plot(r["step"], smooth(r["loss"], window), label=name, color=color, linestyle=ls, linewidth=1.2)
+        ax.plot(r["step"], smoothed[name], label=name, color=color, linestyle=ls, linewidth=1.2)
     ax.set_xlabel("step")
-    ax.set_ylabel(f"training loss, nats/byte (moving average of {window} steps)")
-    ax.set_title("Byte-level MoE LM: training loss per balancing policy")
-    last = [min(smooth(r["loss"], window)[len(r["loss"]) // 4:]) for r in runs.values()]
-    ax.set_ylim(min(last) - 0.05, max(smooth(next(iter(runs.values()))["loss"], window)[len(r["loss"]) // 10], max(last) + 0.3))
+    ax.set_ylabel(f"nats/byte (moving average of {window} steps)")
+    ax.set_title("training loss per balancing policy")
+    tail = [min(v[len(v) // 4:]) for v in smoothed.values()]
+    first = [v[len(v) // 10] for v in smoothed.values()]
+    ax.set_ylim(min(tail) - 0.05, max(first))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    # the differences are small next to the fall of the loss: show them against a reference
+    ref = "none" if "none" in runs else next(iter(runs))
+    n = min(len(v) for v in smoothed.values())
+    start = n // 5
+    for name, r in runs.items():
+        color, ls = styles[name]
+        diff = [smoothed[name][i] - smoothed[ref][i] for i in range(start, n)]
+        ad.plot(r["step"][start:n], diff, label=name, color=color, linestyle=ls, linewidth=1.2)
+    ad.axhline(0.0, color="black", linewidth=0.6)
+    ad.set_xlabel("step")
+    ad.set_ylabel("nats/byte")
+    ad.set_title(f"training loss minus that of '{ref}' (negative = better)")
+    ad.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.path.join(img_dir, "training_loss.png"), dpi=110)
     plt.close(fig)

@@ -50,7 +50,7 @@ void usage() {
   std::printf(
       "train_moe: trains one byte-level MoE language model per balancing policy and compares them.\n"
       "  --policies LIST   comma-separated, or 'all' (default: all): %s\n"
-      "  --steps N         optimizer steps per policy (600)\n"
+      "  --steps N         optimizer steps per policy (1500)\n"
       "  --batch N         tokens per step (256)\n"
       "  --experts E       experts per layer (16)\n"
       "  --k K             experts per token (2)\n"
@@ -226,13 +226,13 @@ void write_outputs(const Cli& cli, const Corpus& corpus, const std::vector<RunRe
 
 void print_table(const std::vector<RunResult>& runs, std::ostream& os) {
   os << "| policy | train loss | held-out loss | global MaxVio (held-out) | batch MaxVio (training) | Gini (training) "
-        "| load entropy | dropped | specialisation I(D;E)/H(D) | time (s) |\n";
-  os << "|---|---|---|---|---|---|---|---|---|---|\n";
+        "| load entropy | dropped | specialisation I(D;E)/H(D) | router similarity | time (s) |\n";
+  os << "|---|---|---|---|---|---|---|---|---|---|---|\n";
   for (const auto& r : runs)
     os << "| " << r.name << " | " << fmt(r.train.loss) << " | " << fmt(r.held_out.loss) << " | "
        << fmt(r.held_out.maxvio, 3) << " | " << fmt(r.maxvio_training, 3) << " | " << fmt(r.gini_training, 3) << " | "
        << fmt(r.held_out.entropy, 3) << " | " << fmt(100.0 * r.dropped_training, 2) << "% | "
-       << fmt(r.held_out.specialisation, 3) << " | " << fmt(r.seconds, 0) << " |\n";
+       << fmt(r.held_out.specialisation, 3) << " | " << fmt(r.similarity, 3) << " | " << fmt(r.seconds, 0) << " |\n";
 }
 
 }  // namespace

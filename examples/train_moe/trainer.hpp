@@ -21,7 +21,7 @@ namespace train_moe {
 struct TrainOptions {
   ModelConfig model;
   Hyper hyper;
-  int steps = 600;             ///< optimizer steps
+  int steps = 1500;            ///< optimizer steps
   int batch = 256;             ///< tokens per step
   float lr = 3e-3f;            ///< peak learning rate (linear warm-up, cosine decay to lr/10)
   float weight_decay = 0.01f;  ///< AdamW's decoupled weight decay (matrices only)
