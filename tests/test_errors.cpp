@@ -258,3 +258,17 @@ TEST_CASE("non_finite_error is an invalid_argument naming the logits") {
   CHECK(what.find("expert 17") != std::string::npos);
   CHECK(what.find("inf") != std::string::npos);
 }
+
+TEST_CASE("an empty batch (T = 0) is valid and yields zero statistics") {
+  mr::Router<mr::TopK<2>> router({.num_experts = 8});
+  mr::RoutingBuffers buf;
+  mr::RoutingView out = router.make_output(buf, 0);
+  std::fill(out.counts.begin(), out.counts.end(), 5);
+  std::fill(out.prob_sums.begin(), out.prob_sums.end(), 5.0f);
+  router.route(mr::MatrixView<const float>(nullptr, 0, 8), out);
+  CHECK(std::all_of(out.counts.begin(), out.counts.end(), [](std::int64_t v) { return v == 0; }));
+  CHECK(std::all_of(out.prob_sums.begin(), out.prob_sums.end(), [](float v) { return v == 0.0f; }));
+  CHECK(out.global_tokens == 0);
+  router.backward(mr::MatrixView<const float>(nullptr, 0, 8), out, mr::MatrixView<const float>(nullptr, 0, 2),
+                  mr::MatrixView<float>(nullptr, 0, 8));
+}
