@@ -206,3 +206,32 @@ TEST_CASE("MoE layer: bad settings and shapes are clear errors") {
   MoeLayer<R>::Mat x(3, 4), y;
   CHECK_THROWS_AS(layer.forward(x, y), invalid_argument);
 }
+
+TEST_CASE("MoE layer: a weight-bound balancer (SimBal) adds its gradient to W_g") {
+  MoeLayerConfig c = base_config(4, 2);
+  c.d = 6;
+  MoeLayer<Router<TopK<2>, SimBal>> with(c, {.lambda = 0.1f});
+  MoeLayer<Router<TopK<2>>> without(c);
+  std::mt19937_64 rng(8);
+  with.init(rng);
+  without.w_gate = with.w_gate;
+  without.w1 = with.w1;
+  without.w2 = with.w2;
+  const index_t T = 12;
+  MoeLayer<Router<TopK<2>>>::Mat x = MoeLayer<Router<TopK<2>>>::Mat::Random(T, c.d), y1, y2, dx1, dx2;
+  with.forward(x, y1);
+  without.forward(x, y2);
+  CHECK((y1 - y2).cwiseAbs().maxCoeff() == 0.0f);
+  with.zero_grad();
+  without.zero_grad();
+  with.backward(y1, dx1);
+  without.backward(y2, dx2);
+  // independent: ∂/∂W of λ Σ_ij |(WᵀW − I)_ij| = 2λ · W · sign(WᵀW − I)
+  const Eigen::MatrixXd W = with.w_gate.cast<double>();
+  const Eigen::MatrixXd M = W.transpose() * W - Eigen::MatrixXd::Identity(4, 4);
+  const Eigen::MatrixXd want = 2.0 * 0.1 * W * M.unaryExpr([](double v) { return double((v > 0) - (v < 0)); });
+  const Eigen::MatrixXd got = (with.g_gate - without.g_gate).cast<double>();
+  CHECK((got - want).cwiseAbs().maxCoeff() < 1e-5 * (1.0 + want.cwiseAbs().maxCoeff()));
+  CHECK(want.cwiseAbs().maxCoeff() > 1e-3);
+  CHECK(with.aux_loss() > 0.0f);
+}
