@@ -60,6 +60,16 @@ bool same(std::span<const float> a, std::span<const float> b) {
 
 }  // namespace
 
+// ---- the NCCL snippet of docs/integration.md, compiled here (run where a GPU is visible) ----
+using NcclRouter = moeroute::Router<moeroute::TopK<2>, moeroute::LossFree<>, moeroute::ReferenceBackend,
+                                    moeroute::Softmax, moeroute::NcclComm>;
+
+// comm: this rank's communicator (ncclCommInitRank); stream: where the sums are reduced
+NcclRouter make_router(ncclComm_t comm, cudaStream_t stream) {
+  return NcclRouter({.num_experts = 64, .renormalize = true}, {.update_rate = 1e-3f}, moeroute::NcclComm(comm, stream));
+}
+// ---- end of snippet ----
+
 TEST_CASE("NcclComm: a null communicator is a clear error") {
   try {
     mr::NcclComm bad(nullptr, nullptr);
@@ -122,6 +132,15 @@ TEST_CASE("NcclComm: one rank reduces host and device buffers, and routes like N
       b.step();
       CHECK(state_image(a.balancer()) == state_image(b.balancer()));
     }
+  }
+  {
+    NcclRouter snippet = make_router(raw, stream);
+    const auto z = logits_for(32, 64, 3u);
+    mr::RoutingBuffers buf;
+    mr::RoutingView v = snippet.make_output(buf, 32);
+    snippet.route(mr::MatrixView<const float>(z.data(), 32, 64), v);
+    snippet.step();
+    CHECK(v.global_tokens == 32);
   }
   cudaStreamDestroy(stream);
   ncclCommDestroy(raw);

@@ -11,14 +11,8 @@
 
 #include <cstdint>
 #include <cstring>
-#include <moeroute/balancing/compose.hpp>
-#include <moeroute/balancing/loss_free.hpp>
-#include <moeroute/balancing/phi.hpp>
-#include <moeroute/balancing/switch_aux.hpp>
 #include <moeroute/comm/mpi.hpp>
-#include <moeroute/router.hpp>
-#include <moeroute/selection/topk.hpp>
-#include <moeroute/state.hpp>
+#include <moeroute/moeroute.hpp>
 #include <random>
 #include <vector>
 
@@ -249,6 +243,40 @@ TEST_CASE("two ranks over the halves of a batch equal one rank over the whole: a
   mr::RouterConfig cfg{.num_experts = 32, .renormalize = true};
   two_halves_equal_whole<mr::TopK<8>, Mix>(cfg, {{.alpha = 0.02f}, {.alpha = 0.01f}, {.update_rate = 0.01f}},
                                            mr::MpiComm::Order::native, 384, 4);
+}
+
+// ---- the distributed-statistics snippet of docs/integration.md, compiled and run here ----
+using DpRouter = moeroute::Router<moeroute::TopK<2>, moeroute::PhiBalancing<moeroute::Entropy>,
+                                  moeroute::ReferenceBackend, moeroute::Softmax, moeroute::MpiComm>;
+
+// On every rank of the data-parallel group, with this rank's micro-batch of `tokens` rows.
+void train_step(DpRouter& router, moeroute::RoutingBuffers& buffers, const float* logits, moeroute::index_t tokens,
+                const float* grad_gates, float* grad_logits) {
+  const moeroute::index_t E = router.num_experts(), k = router.top_k();
+  moeroute::RoutingView routing = router.make_output(buffers, tokens);
+  router.route(moeroute::MatrixView<const float>(logits, tokens, E), routing);  // collective
+  // routing.global_counts, global_prob_sums and aux_loss now describe the global batch
+  router.backward(moeroute::MatrixView<const float>(logits, tokens, E), routing,
+                  moeroute::MatrixView<const float>(grad_gates, tokens, k),
+                  moeroute::MatrixView<float>(grad_logits, tokens, E));
+  router.step();  // the same update on every rank
+}
+// ---- end of snippet ----
+
+TEST_CASE("the docs snippet runs on every rank and updates the same state") {
+  DpRouter router({.num_experts = 16, .renormalize = true}, {.alpha = 1e-2f}, moeroute::MpiComm(MPI_COMM_WORLD));
+  moeroute::RoutingBuffers buffers;
+  const index_t T = 128, E = 16;
+  const std::vector<float> z = skewed_logits(T * world_size(), E, 7u);
+  const std::vector<float> gg = random_grad(T * 2, 8u);
+  std::vector<float> gz(std::size_t(T * E));
+  train_step(router, buffers, z.data() + world_rank() * T * E, T, gg.data(), gz.data());
+  // every rank holds the same load estimate: compare rank 0's with everyone's
+  std::vector<float> m(router.balancer().load_estimate().begin(), router.balancer().load_estimate().end());
+  std::vector<float> m0 = m;
+  MPI_Bcast(m0.data(), int(m0.size()), MPI_FLOAT, 0, MPI_COMM_WORLD);
+  CHECK(std::memcmp(m.data(), m0.data(), m.size() * sizeof(float)) == 0);
+  CHECK(m[0] != doctest::Approx(1.0 / 16));  // it moved off the uniform start
 }
 
 int main(int argc, char** argv) {
