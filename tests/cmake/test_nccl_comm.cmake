@@ -1,6 +1,9 @@
 # NcclComm test: built only where the CUDA runtime and NCCL (nccl.h, libnccl) are found. It is
 # host code (no CUDA compiler needed) and skips its cases at run time without enough GPUs.
-find_package(CUDAToolkit QUIET)
+# MOEROUTE_ENABLE_CUDA=OFF turns it off with the rest of the CUDA parts.
+if(MOEROUTE_ENABLE_CUDA)
+  find_package(CUDAToolkit QUIET)
+endif()
 find_package(Threads REQUIRED)
 if(CUDAToolkit_FOUND)
   find_path(MOEROUTE_NCCL_INCLUDE_DIR nccl.h HINTS ${CUDAToolkit_INCLUDE_DIRS} ENV NCCL_HOME PATH_SUFFIXES include)
