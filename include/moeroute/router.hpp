@@ -21,6 +21,13 @@
 
 namespace moeroute {
 
+namespace detail {
+/// A backend whose views hold device memory (CudaBackend): Router hands each call to the
+/// engine's route_device / backward_device / step_device.
+template <class B>
+concept device_backend = requires { B::device; } && B::device;
+}  // namespace detail
+
 /// A Mixture-of-Experts router.
 ///
 /// - `Selection`: TopK<k>, GroupTopK<...>, ExpertChoice, or a user type meeting SelectionPolicy.
@@ -106,6 +113,18 @@ class Router {
     const index_t T = logits.rows, E = config_.num_experts;
     detail::check_view(logits, "logits", T, E);
     check_output(out, T);
+    if constexpr (detail::device_backend<Backend>) {
+      // device backends (CUDA): views hold device memory; the engine runs the call on its stream
+      engine_.route_device(logits, config_, slots(T), balancer_, comm_, training_, out);
+    } else {
+      route_host(logits, out);
+    }
+  }
+
+ private:
+  template <LogitElement L>
+  void route_host(MatrixView<const L> logits, RoutingView& out) {
+    const index_t T = logits.rows, E = config_.num_experts;
     engine_.check(logits, config_.non_finite);
     out.sequence_length =
         detail::needs_sequence_stats<Balancing> ? (config_.sequence_length > 0 ? config_.sequence_length : T) : 0;
@@ -156,6 +175,7 @@ class Router {
     if constexpr (detail::has_observe<Balancing>) balancer_.observe(stats);
   }
 
+ public:
   template <LogitElement L>
   void route(MatrixView<L> logits, RoutingView& out)
     requires(!std::is_const_v<L>)
@@ -179,14 +199,18 @@ class Router {
     detail::check_view(grad_gates, "grad_gates", routing.rows(), routing.slots);
     detail::check_view(grad_logits, "grad_logits", T, E);
 
-    AuxGradient g;
-    if constexpr (detail::has_aux_loss<Balancing>) {
-      if (training_) {
-        g = aux_gradient(routing);
-        balancer_.aux_loss(stats_of(routing), g);
+    if constexpr (detail::device_backend<Backend>) {
+      engine_.backward_device(logits, routing, grad_gates, config_, balancer_, training_, grad_logits);
+    } else {
+      AuxGradient g;
+      if constexpr (detail::has_aux_loss<Balancing>) {
+        if (training_) {
+          g = aux_gradient(routing);
+          balancer_.aux_loss(stats_of(routing), g);
+        }
       }
+      engine_.backward(logits, routing, grad_gates, g, config_, grad_logits);
     }
-    engine_.backward(logits, routing, grad_gates, g, config_, grad_logits);
   }
 
   template <LogitElement L>
@@ -199,7 +223,10 @@ class Router {
 
   /// The balancing update, once per optimizer step (after the micro-batches' backward).
   void step() {
-    if constexpr (detail::has_step<Balancing>) balancer_.step();
+    if constexpr (detail::device_backend<Backend>)
+      engine_.step_device(balancer_);
+    else if constexpr (detail::has_step<Balancing>)
+      balancer_.step();
     ++steps_;
   }
 

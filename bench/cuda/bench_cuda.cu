@@ -1,0 +1,179 @@
+// bench_cuda: CudaBackend routing throughput on one GPU, against the memory floor.
+//
+// For T in {1024, 4096, 16384, 65536}, E in {64, 128, 256, 384}, k = 8, fp32 and bf16:
+// - forward: softmax, top-8, renormalise, counts, prob sums (CudaEngine::forward), timed
+//   with CUDA events over many back-to-back launches on one stream;
+// - graph: the same forward captured in a CUDA graph, one graph launch per call (the per
+//   call latency an engine sees when it replays its step graph);
+// - backward: ∂L/∂logits from ∂L/∂gates (CudaEngine::backward);
+// - plan: counts, offsets, stable order and inverse (CudaEngine::plan).
+// The memory floor of a call is its compulsory DRAM traffic (logits read once, outputs
+// written once) divided by the device-to-device copy bandwidth measured here.
+// Output: one CSV row per case on stdout (header first); --quick runs T = 4096 and 65536,
+// E = 256 only.
+#include <cuda_runtime.h>
+
+#include <cstdio>
+#include <cstring>
+#include <moeroute/backend/cuda/engine.cuh>
+#include <moeroute/moeroute.hpp>
+#include <random>
+#include <string>
+#include <vector>
+
+using namespace moeroute;
+
+namespace {
+
+struct Timer {
+  cudaEvent_t a, b;
+  Timer() {
+    MOEROUTE_CUDA_CHECK(cudaEventCreate(&a));
+    MOEROUTE_CUDA_CHECK(cudaEventCreate(&b));
+  }
+  ~Timer() {
+    cudaEventDestroy(a);
+    cudaEventDestroy(b);
+  }
+  /// Mean microseconds of `reps` calls of f on stream s (after 3 warm-up calls).
+  template <class F>
+  double time_us(cudaStream_t s, int reps, F&& f) {
+    for (int i = 0; i < 3; ++i) f();
+    MOEROUTE_CUDA_CHECK(cudaEventRecord(a, s));
+    for (int i = 0; i < reps; ++i) f();
+    MOEROUTE_CUDA_CHECK(cudaEventRecord(b, s));
+    MOEROUTE_CUDA_CHECK(cudaEventSynchronize(b));
+    float ms = 0.0f;
+    MOEROUTE_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+    return 1000.0 * double(ms) / reps;
+  }
+};
+
+/// Device-to-device copy bandwidth in bytes/s (read + write counted), over a 512 MiB copy.
+double copy_bandwidth(cudaStream_t s) {
+  const std::size_t n = std::size_t(512) << 20;
+  void *src = nullptr, *dst = nullptr;
+  MOEROUTE_CUDA_CHECK(cudaMalloc(&src, n));
+  MOEROUTE_CUDA_CHECK(cudaMalloc(&dst, n));
+  MOEROUTE_CUDA_CHECK(cudaMemsetAsync(src, 1, n, s));
+  Timer tm;
+  const double us =
+      tm.time_us(s, 10, [&] { MOEROUTE_CUDA_CHECK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, s)); });
+  cudaFree(src);
+  cudaFree(dst);
+  return 2.0 * double(n) / (us * 1e-6);
+}
+
+template <class L>
+void run_case(cudaStream_t s, double bw, const char* dtype, index_t T, index_t E, index_t k) {
+  std::vector<L> hx(std::size_t(T * E));
+  std::mt19937 rng(unsigned(T * 31 + E));
+  std::normal_distribution<float> nd(0.0f, 2.0f);
+  for (auto& v : hx) {
+    if constexpr (std::is_same_v<L, float>)
+      v = nd(rng);
+    else
+      v = L(nd(rng));
+  }
+  L* x = nullptr;
+  std::int32_t *ids = nullptr, *pc = nullptr, *po = nullptr, *order = nullptr, *pos = nullptr;
+  float *gates = nullptr, *probs = nullptr, *dg = nullptr, *dz = nullptr;
+  std::int64_t* counts = nullptr;
+  MOEROUTE_CUDA_CHECK(cudaMalloc(&x, hx.size() * sizeof(L)));
+  MOEROUTE_CUDA_CHECK(cudaMemcpy(x, hx.data(), hx.size() * sizeof(L), cudaMemcpyHostToDevice));
+  MOEROUTE_CUDA_CHECK(cudaMalloc(&ids, std::size_t(T * k) * 4));
+  MOEROUTE_CUDA_CHECK(cudaMalloc(&gates, std::size_t(T * k) * 4));
+  MOEROUTE_CUDA_CHECK(cudaMalloc(&dg, std::size_t(T * k) * 4));
+  MOEROUTE_CUDA_CHECK(cudaMemset(dg, 0, std::size_t(T * k) * 4));
+  MOEROUTE_CUDA_CHECK(cudaMalloc(&dz, std::size_t(T * E) * 4));
+  MOEROUTE_CUDA_CHECK(cudaMalloc(&counts, std::size_t(E) * 8));
+  MOEROUTE_CUDA_CHECK(cudaMalloc(&probs, std::size_t(E) * 4));
+  MOEROUTE_CUDA_CHECK(cudaMalloc(&pc, std::size_t(E) * 4));
+  MOEROUTE_CUDA_CHECK(cudaMalloc(&po, std::size_t(E + 1) * 4));
+  MOEROUTE_CUDA_CHECK(cudaMalloc(&order, std::size_t(T * k) * 4));
+  MOEROUTE_CUDA_CHECK(cudaMalloc(&pos, std::size_t(T * k) * 4));
+
+  RouterConfig cfg;
+  cfg.num_experts = E;
+  cfg.top_k = k;
+  cfg.renormalize = true;
+  CudaEngine<Softmax, TopK<8>> eng;
+  eng.set_stream(s);
+  eng.reserve(T, E);
+  RoutingView out;
+  out.tokens = T;
+  out.experts = E;
+  out.slots = k;
+  out.ids = {ids, std::size_t(T * k)};
+  out.gates = {gates, std::size_t(T * k)};
+  out.counts = {counts, std::size_t(E)};
+  out.prob_sums = {probs, std::size_t(E)};
+  const MatrixView<const L> xv(x, T, E);
+  const int reps = T >= 16384 ? 50 : 200;
+  Timer tm;
+  const double fwd = tm.time_us(s, reps, [&] { eng.forward(xv, cfg, k, out); });
+
+  cudaGraph_t g;
+  cudaGraphExec_t ge;
+  MOEROUTE_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+  eng.forward(xv, cfg, k, out);
+  MOEROUTE_CUDA_CHECK(cudaStreamEndCapture(s, &g));
+  MOEROUTE_CUDA_CHECK(cudaGraphInstantiate(&ge, g, 0));
+  const double graph = tm.time_us(s, reps, [&] { MOEROUTE_CUDA_CHECK(cudaGraphLaunch(ge, s)); });
+  cudaGraphExecDestroy(ge);
+  cudaGraphDestroy(g);
+
+  const double bwd = tm.time_us(s, reps, [&] {
+    eng.backward(xv, out, MatrixView<const float>(dg, T, k), DeviceAuxGradient{}, cfg, MatrixView<float>(dz, T, E));
+  });
+  const CudaPlanView pv{
+      {pc, std::size_t(E)}, {po, std::size_t(E + 1)}, {order, std::size_t(T * k)}, {pos, std::size_t(T * k)}};
+  const double plan = tm.time_us(s, reps, [&] { eng.plan(out, pv); });
+  eng.check_errors(xv);
+
+  // compulsory traffic: forward reads the logits, writes ids + gates; backward also reads
+  // ids + ∂gates and writes ∂logits (fp32); the plan reads ids, writes order + position
+  const double fwd_bytes = double(T * E) * sizeof(L) + double(T * k) * 8;
+  const double bwd_bytes = double(T * E) * sizeof(L) + double(T * k) * 8 + double(T * E) * 4;
+  const double plan_bytes = double(T * k) * 12;
+  auto row = [&](const char* op, double us, double bytes) {
+    const double floor_us = bytes / bw * 1e6;
+    std::printf("%s,%lld,%lld,%lld,%s,%.3f,%.3f,%.2f,%.1f\n", dtype, (long long)T, (long long)E, (long long)k, op, us,
+                floor_us, us / floor_us, double(T) / us);
+  };
+  row("forward", fwd, fwd_bytes);
+  row("forward_graph", graph, fwd_bytes);
+  row("backward", bwd, bwd_bytes);
+  row("plan", plan, plan_bytes);
+  std::fflush(stdout);
+  for (void* p : {(void*)x, (void*)ids, (void*)gates, (void*)dg, (void*)dz, (void*)counts, (void*)probs, (void*)pc,
+                  (void*)po, (void*)order, (void*)pos})
+    cudaFree(p);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (cuda_device_count() == 0) {
+    std::puts("skipped: no CUDA device");
+    return 0;
+  }
+  const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  cudaDeviceProp prop{};
+  MOEROUTE_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  cudaStream_t s;
+  MOEROUTE_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  const double bw = copy_bandwidth(s);
+  std::printf("# device: %s, copy bandwidth %.0f GB/s (device-to-device, read + write)\n", prop.name, bw / 1e9);
+  std::printf("dtype,T,E,k,op,us,floor_us,ratio_to_floor,tokens_per_us\n");
+  const std::vector<index_t> Ts =
+      quick ? std::vector<index_t>{4096, 65536} : std::vector<index_t>{1024, 4096, 16384, 65536};
+  const std::vector<index_t> Es = quick ? std::vector<index_t>{256} : std::vector<index_t>{64, 128, 256, 384};
+  for (index_t T : Ts)
+    for (index_t E : Es) {
+      run_case<float>(s, bw, "fp32", T, E, 8);
+      run_case<bfloat16>(s, bw, "bf16", T, E, 8);
+    }
+  MOEROUTE_CUDA_CHECK(cudaStreamDestroy(s));
+  return 0;
+}

@@ -1,0 +1,447 @@
+// moeroute — the CUDA backend: CudaBackend and its engine.
+//
+// Include this header from a .cu file compiled by nvcc (C++20), after or instead of
+// <moeroute/moeroute.hpp>. Views passed to a Router<..., CudaBackend> hold *device*
+// pointers: the logits, every span of the RoutingView, the gate gradients and the logit
+// gradients. The engine owns its device workspace (it grows only when a shape grows) and
+// runs on the stream set with `router.engine().set_stream(s)` (default: stream 0).
+//
+// Synchronisation. With NoBalancing and NoComm, route/backward/step enqueue kernels only and
+// never synchronise, so a training step can be captured in a CUDA graph (call route and
+// backward once before capturing, or reserve(), so the workspace exists). A non-finite logit
+// is recorded on the device; `check_errors()` (which synchronises) throws the same
+// non_finite_error as the CPU backends. Balancers and communicators are supported through
+// their host hooks: route then copies the statistics to the host and synchronises once.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <span>
+#include <type_traits>
+#include <vector>
+
+#include "../../balancing/none.hpp"
+#include "../../comm/nocomm.hpp"
+#include "../../concepts.hpp"
+#include "../../core.hpp"
+#include "../../routing.hpp"
+#include "../../scoring.hpp"
+#include "../../selection/topk.hpp"
+#include "common.cuh"
+#include "kernels.cuh"
+
+namespace moeroute {
+
+/// ∂L/∂p coefficients of the balancers on the device (see AuxGradient): dprob [E] and
+/// dprob_seq [S, E] are device pointers or null; dlse_sq is the z-loss coefficient.
+struct DeviceAuxGradient {
+  const float* dprob = nullptr;
+  const float* dprob_seq = nullptr;
+  index_t sequence_length = 0;
+  float dlse_sq = 0.0f;
+};
+
+/// The device dispatch plan of a token-choice routing (no drop, no padding), in the layout
+/// of DispatchPlan: assignment a = t·k + j; `order` lists the assignments sorted by expert,
+/// token-ascending within an expert; `position[a]` is a's index in `order` (its row in the
+/// expert-major buffer). All spans are device memory of the sizes given.
+struct CudaPlanView {
+  std::span<std::int32_t> counts;    ///< [E] assignments per expert
+  std::span<std::int32_t> offsets;   ///< [E + 1] exclusive scan of counts
+  std::span<std::int32_t> order;     ///< [T·k]
+  std::span<std::int32_t> position;  ///< [T·k]
+};
+
+namespace cuda_detail {
+
+template <class B>
+inline constexpr bool is_no_balancing = std::is_same_v<B, NoBalancing>;
+
+template <class S>
+struct is_topk : std::false_type {};
+template <index_t K>
+struct is_topk<TopK<K>> : std::true_type {};
+
+}  // namespace cuda_detail
+
+/// The CUDA engine of one scoring and selection policy (TopK<k> or TopK<runtime_k>).
+template <ScoringPolicy Sc, SelectionPolicy Se>
+class CudaEngine {
+  static_assert(cuda_detail::is_topk<Se>::value,
+                "CudaBackend: only TopK<k> / TopKRuntime selection runs on the GPU so far (GroupTopK and "
+                "ExpertChoice: use ReferenceBackend or CpuBackend)");
+
+ public:
+  CudaEngine() = default;
+  CudaEngine(const CudaEngine&) = delete;
+  CudaEngine& operator=(const CudaEngine&) = delete;
+  CudaEngine(CudaEngine&&) noexcept = default;
+  CudaEngine& operator=(CudaEngine&&) noexcept = default;
+  ~CudaEngine() {
+    if (copy_done_) (void)cudaEventDestroy(copy_done_);
+  }
+
+  /// The stream every call enqueues on (not owned).
+  void set_stream(cudaStream_t s) noexcept { stream_ = s; }
+  [[nodiscard]] cudaStream_t stream() const noexcept { return stream_; }
+
+  /// Allocates the workspace for batches of up to `tokens` tokens and `experts` experts, so
+  /// later calls of that size allocate nothing (needed before CUDA-graph capture).
+  void reserve(index_t tokens, index_t experts) {
+    const Launch l = launch_of(tokens, experts);
+    part_prob_.reserve(std::size_t(std::max<index_t>(l.blocks, 1) * experts));
+    part_count_.reserve(std::size_t(std::max<index_t>(l.blocks, 1) * experts));
+    part_lse_.reserve(std::size_t(std::max<index_t>(l.blocks, 1)));
+    prob_f64_.reserve(std::size_t(experts));
+    scalars_.reserve(2);
+    bad_.reserve(1);
+    bias_.reserve(std::size_t(experts));
+    dprob_.reserve(std::size_t(experts));
+    const index_t chunks = (tokens + cuda_detail::plan_chunk_tokens - 1) / cuda_detail::plan_chunk_tokens;
+    plan_part_.reserve(std::size_t(std::max<index_t>(chunks, 1) * experts));
+    if (!bad_initialised_) {
+      MOEROUTE_CUDA_CHECK(cudaMemsetAsync(bad_.data(), 0xff, sizeof(unsigned long long), stream_));
+      bad_initialised_ = true;
+    }
+  }
+
+  /// The fused forward on the device: ids, gates, counts, prob_sums (and global_* copies, the
+  /// local ones) of `out`, all device spans. `bias`: a device [E] selection bias or null.
+  /// `with_lse`: also Σ_t lse(z_t)² (device, lse_sq_sum_device()). No synchronisation.
+  template <LogitElement L>
+  void forward(MatrixView<const L> x, const RouterConfig& c, index_t k, RoutingView& out, const float* bias = nullptr,
+               bool with_lse = false) {
+    using LT = std::remove_const_t<L>;
+    const index_t T = x.rows, E = x.cols;
+    detail::require(k >= 1 && k <= std::min<index_t>(E, max_top_k), "k", "k = ", k, " must be in [1, min(E, 64)]");
+    detail::require(E >= 1 && E <= max_experts, "logits", "E = ", E, " must be in [1, ", max_experts, "]");
+    detail::require(T <= index_t(INT32_MAX) / std::max<index_t>(k, 1), "logits", "T = ", T, " is too large");
+    detail::check_span(out.ids, "out.ids", T * k);
+    detail::check_span(out.gates, "out.gates", T * k);
+    detail::check_span(out.counts, "out.counts", E);
+    detail::check_span(out.prob_sums, "out.prob_sums", E);
+    reserve(T, E);
+    const Launch l = launch_of(T, E);
+    if (T > 0) {
+      cuda_detail::ForwardParams<LT> P;
+      P.x = x.data;
+      P.stride = x.stride;
+      P.T = int(T);
+      P.E = int(E);
+      P.k = int(k);
+      P.tokens_per_warp = l.tokens_per_warp;
+      P.bias = bias;
+      P.renormalize = c.renormalize;
+      P.scaling = c.scaling;
+      P.nan_as_neg_inf = c.non_finite == NonFinite::nan_as_neg_inf;
+      P.ids = out.ids.data();
+      P.gates = out.gates.data();
+      P.part_prob = part_prob_.data();
+      P.part_count = part_count_.data();
+      P.part_lse = with_lse ? part_lse_.data() : nullptr;
+      P.bad = bad_.data();
+      launch_forward<LT>(P, l);
+    }
+    cuda_detail::reduce_stats_kernel<<<unsigned(E + 1), cuda_detail::reduce_threads, 0, stream_>>>(
+        int(T > 0 ? l.blocks : 0), int(E), part_prob_.data(), part_count_.data(), with_lse ? part_lse_.data() : nullptr,
+        out.counts.data(), out.global_counts.empty() ? nullptr : out.global_counts.data(), out.prob_sums.data(),
+        out.global_prob_sums.empty() ? nullptr : out.global_prob_sums.data(), prob_f64_.data(), scalars_.data());
+    MOEROUTE_CUDA_CHECK_LAUNCH();
+  }
+
+  /// The backward on the device: ∂L/∂logits (written) from ∂L/∂gates and the balancers'
+  /// coefficients `aux` (device pointers). No synchronisation.
+  template <LogitElement L>
+  void backward(MatrixView<const L> x, const RoutingView& r, MatrixView<const float> dg, const DeviceAuxGradient& aux,
+                const RouterConfig& c, MatrixView<float> dz) {
+    using LT = std::remove_const_t<L>;
+    const index_t T = x.rows, E = x.cols;
+    if (T == 0) return;
+    cuda_detail::BackwardParams<LT> P;
+    P.x = x.data;
+    P.stride = x.stride;
+    P.T = int(T);
+    P.E = int(E);
+    P.k = int(r.slots);
+    P.ids = r.ids.data();
+    P.dg = dg.data;
+    P.dg_stride = dg.stride;
+    P.renormalize = c.renormalize;
+    P.scaling = c.scaling;
+    P.nan_as_neg_inf = c.non_finite == NonFinite::nan_as_neg_inf;
+    P.dprob = aux.dprob;
+    P.dprob_seq = aux.dprob_seq;
+    P.sequence_length = aux.sequence_length;
+    P.dlse_sq = aux.dlse_sq;
+    P.dz = dz.data;
+    P.dz_stride = dz.stride;
+    const int warps = 8;
+    const unsigned grid = unsigned((T + warps - 1) / warps);
+    switch (vpt_of(E)) {
+      case 4:
+        cuda_detail::route_backward_kernel<Sc, LT, 4><<<grid, 32 * warps, 0, stream_>>>(P);
+        break;
+      case 8:
+        cuda_detail::route_backward_kernel<Sc, LT, 8><<<grid, 32 * warps, 0, stream_>>>(P);
+        break;
+      case 16:
+        cuda_detail::route_backward_kernel<Sc, LT, 16><<<grid, 32 * warps, 0, stream_>>>(P);
+        break;
+      default:
+        cuda_detail::route_backward_kernel<Sc, LT, 128><<<grid, 32 * warps, 0, stream_>>>(P);
+        break;
+    }
+    MOEROUTE_CUDA_CHECK_LAUNCH();
+  }
+
+  /// The dispatch plan of a token-choice routing on the device (see CudaPlanView). Uses
+  /// only the ids: counts come from a per-chunk histogram and two fixed-order scans, ranks
+  /// within a chunk from warp matching, so the result never depends on atomic ordering.
+  void plan(const RoutingView& r, const CudaPlanView& p) {
+    const index_t T = r.tokens, E = r.experts, k = r.slots;
+    detail::check_span(p.counts, "plan.counts", E);
+    detail::check_span(p.offsets, "plan.offsets", E + 1);
+    detail::check_span(p.order, "plan.order", T * k);
+    detail::check_span(p.position, "plan.position", T * k);
+    reserve(T, E);
+    const index_t chunks = (T + cuda_detail::plan_chunk_tokens - 1) / cuda_detail::plan_chunk_tokens;
+    const std::size_t smem = std::size_t(E) * sizeof(int);
+    if (chunks > 0) {
+      cuda_detail::plan_count_kernel<<<unsigned(chunks), 256, smem, stream_>>>(r.ids.data(), int(T), int(k), int(E),
+                                                                               plan_part_.data());
+      MOEROUTE_CUDA_CHECK_LAUNCH();
+    }
+    cuda_detail::plan_scan_chunks_kernel<<<unsigned(E), cuda_detail::plan_threads, 0, stream_>>>(
+        int(chunks), int(E), plan_part_.data(), p.counts.data());
+    MOEROUTE_CUDA_CHECK_LAUNCH();
+    cuda_detail::plan_offsets_kernel<<<1, cuda_detail::plan_threads, 0, stream_>>>(int(E), p.counts.data(),
+                                                                                   p.offsets.data());
+    MOEROUTE_CUDA_CHECK_LAUNCH();
+    if (chunks > 0) {
+      cuda_detail::plan_scatter_kernel<<<unsigned(chunks), 32, smem, stream_>>>(
+          r.ids.data(), int(T), int(k), int(E), plan_part_.data(), p.offsets.data(), p.order.data(), p.position.data());
+      MOEROUTE_CUDA_CHECK_LAUNCH();
+    }
+  }
+
+  /// Synchronises the stream and throws non_finite_error (or invalid_argument for an
+  /// all-NaN token) for the first bad logit seen by a forward since the last check, then
+  /// clears the record. `x` must be the logits of that forward (to report the value).
+  template <LogitElement L>
+  void check_errors(MatrixView<const L> x) {
+    if (!bad_initialised_) return;
+    unsigned long long code = 0;
+    MOEROUTE_CUDA_CHECK(cudaMemcpyAsync(&code, bad_.data(), sizeof code, cudaMemcpyDeviceToHost, stream_));
+    MOEROUTE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    if (code == ~0ull) return;
+    MOEROUTE_CUDA_CHECK(cudaMemsetAsync(bad_.data(), 0xff, sizeof(unsigned long long), stream_));
+    const index_t E = x.cols;
+    const index_t t = index_t(code / std::uint64_t(E + 1)), e = index_t(code % std::uint64_t(E + 1));
+    detail::require(e < E, "logits", "token ", t, " has no finite logit (all NaN)");
+    std::remove_const_t<L> v{};
+    MOEROUTE_CUDA_CHECK(cudaMemcpy(&v, x.data + t * x.stride + e, sizeof v, cudaMemcpyDeviceToHost));
+    throw non_finite_error(t, e, to_float(v));
+  }
+
+  /// Device Σ_t p_{t,e} in fp64 [E] and Σ_t lse² (when requested) of the last forward.
+  [[nodiscard]] const double* prob_sums_f64_device() const noexcept { return prob_f64_.data(); }
+  [[nodiscard]] const double* lse_sq_sum_device() const noexcept { return scalars_.data(); }
+
+  // ---- the Router's device path (called by Router when Backend::device is true) ----
+
+  /// Router::route on the device. Without balancer hooks or communicator: kernels only.
+  /// Otherwise the statistics are copied to the host (one synchronisation), reduced through
+  /// the communicator and given to the balancer's host hooks, as on the CPU.
+  template <class B, class C, LogitElement L>
+  void route_device(MatrixView<const L> x, const RouterConfig& c, index_t k, B& bal, C& comm, bool training,
+                    RoutingView& out) {
+    static_assert(!detail::has_logit_offset<B>,
+                  "CudaBackend: balancers with a logit-space selection offset (Sinkhorn) are not supported on the GPU");
+    static_assert(!detail::needs_sequence_stats<B>,
+                  "CudaBackend: per-sequence balancing statistics are not supported on the GPU yet");
+    const index_t T = x.rows, E = x.cols;
+    reserve(T, E);
+    const float* bias = nullptr;
+    if constexpr (detail::has_selection_bias<B>) {
+      host_bias_.assign(std::size_t(E), 0.0f);
+      bal.selection_bias(std::span<float>(host_bias_));
+      stage_upload(bias_.data(), host_bias_.data(), E);
+      bias = bias_.data();
+    }
+    constexpr bool host_stats = detail::has_aux_loss<B> || detail::has_observe<B> || !std::is_same_v<C, NoComm>;
+    forward(x, c, k, out, bias, host_stats);
+    out.sequence_length = 0;
+    out.global_tokens = T;
+    out.global_lse_sq_sum = 0.0;
+    out.aux_loss = 0.0f;
+    if constexpr (host_stats) {
+      // counts and fp64 sums to the host, all-reduced as the Router does on the CPU
+      pinned_i64_.reserve(std::size_t(E + 1));
+      pinned_f64_.reserve(std::size_t(E + 1));
+      MOEROUTE_CUDA_CHECK(
+          cudaMemcpyAsync(pinned_i64_.data(), out.counts.data(), std::size_t(E) * 8, cudaMemcpyDeviceToHost, stream_));
+      MOEROUTE_CUDA_CHECK(
+          cudaMemcpyAsync(pinned_f64_.data(), prob_f64_.data(), std::size_t(E) * 8, cudaMemcpyDeviceToHost, stream_));
+      MOEROUTE_CUDA_CHECK(cudaMemcpyAsync(pinned_f64_.data() + E, scalars_.data(), 8, cudaMemcpyDeviceToHost, stream_));
+      MOEROUTE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      check_errors(x);  // a failed batch reaches no balancer
+      red_i64_.assign(pinned_i64_.data(), pinned_i64_.data() + E);
+      red_i64_.push_back(T);
+      red_f64_.assign(pinned_f64_.data(), pinned_f64_.data() + E + 1);
+      comm.allreduce_sum(std::span<double>(red_f64_));
+      comm.allreduce_sum(std::span<std::int64_t>(red_i64_));
+      g_counts_.assign(red_i64_.begin(), red_i64_.begin() + E);
+      g_probs_.resize(std::size_t(E));
+      for (index_t e = 0; e < E; ++e) g_probs_[std::size_t(e)] = float(red_f64_[std::size_t(e)]);
+      g_tokens_ = red_i64_[std::size_t(E)];
+      g_lse_sq_ = red_f64_[std::size_t(E)];
+      local_tokens_ = T;
+      top_k_ = k;
+      out.global_tokens = g_tokens_;
+      out.global_lse_sq_sum = g_lse_sq_;
+      if (!out.global_counts.empty())
+        MOEROUTE_CUDA_CHECK(cudaMemcpyAsync(out.global_counts.data(), g_counts_.data(), std::size_t(E) * 8,
+                                            cudaMemcpyHostToDevice, stream_));
+      if (!out.global_prob_sums.empty())
+        MOEROUTE_CUDA_CHECK(cudaMemcpyAsync(out.global_prob_sums.data(), g_probs_.data(), std::size_t(E) * 4,
+                                            cudaMemcpyHostToDevice, stream_));
+      if (!training) return;
+      const BalanceStats s = host_stats_view(E);
+      if constexpr (detail::has_aux_loss<B>) {
+        host_dprob_.assign(std::size_t(E), 0.0f);
+        AuxGradient g;
+        g.dprob = host_dprob_;
+        out.aux_loss = bal.aux_loss(s, g);
+      }
+      if constexpr (detail::has_observe<B>) bal.observe(s);
+    }
+  }
+
+  /// Router::backward on the device. A balancer's gradient coefficients are formed on the
+  /// host from the statistics of the last route (so `routing` must be that route's output)
+  /// and uploaded asynchronously.
+  template <class B, LogitElement L>
+  void backward_device(MatrixView<const L> x, const RoutingView& r, MatrixView<const float> dg, const RouterConfig& c,
+                       const B& bal, bool training, MatrixView<float> dz) {
+    DeviceAuxGradient aux;
+    if constexpr (detail::has_aux_loss<B>) {
+      if (training) {
+        const index_t E = x.cols;
+        detail::require(g_counts_.size() == std::size_t(E) && local_tokens_ == x.rows, "routing",
+                        "backward needs the statistics of the matching route call");
+        host_dprob_.assign(std::size_t(E), 0.0f);
+        AuxGradient g;
+        g.dprob = host_dprob_;
+        bal.aux_loss(host_stats_view(E), g);
+        if (g.any_dprob) {
+          stage_upload(dprob_.data(), host_dprob_.data(), E);
+          aux.dprob = dprob_.data();
+        }
+        aux.dlse_sq = g.dlse_sq;
+      }
+    }
+    backward(x, r, dg, aux, c, dz);
+  }
+
+  /// Router::step on the device: the balancers' state lives on the host (updated by their
+  /// step()); the next route uploads the new bias asynchronously.
+  template <class B>
+  void step_device(B& bal) {
+    if constexpr (detail::has_step<B>) bal.step();
+  }
+
+ private:
+  struct Launch {
+    int warps = 8;
+    int tokens_per_warp = 1;
+    index_t blocks = 0;
+  };
+  static int vpt_of(index_t E) noexcept { return E <= 128 ? 4 : E <= 256 ? 8 : E <= 512 ? 16 : 128; }
+  /// Tokens per block depend only on (T, E), so the fp64 reduction order is the same on
+  /// every run and every GPU.
+  static Launch launch_of(index_t T, index_t E) noexcept {
+    Launch l;
+    l.warps = E <= 512 ? 8 : 4;
+    l.tokens_per_warp = T >= 32768 ? 16 : T >= 8192 ? 4 : 1;
+    const index_t tpb = index_t(l.warps) * l.tokens_per_warp;
+    l.blocks = (T + tpb - 1) / tpb;
+    return l;
+  }
+
+  template <class LT>
+  void launch_forward(const cuda_detail::ForwardParams<LT>& P, const Launch& l) {
+    const std::size_t smem = std::size_t(P.E) * sizeof(double);
+    const dim3 grid(unsigned(l.blocks)), block(unsigned(32 * l.warps));
+    switch (vpt_of(P.E)) {
+      case 4:
+        cuda_detail::route_forward_kernel<Sc, LT, 4><<<grid, block, smem, stream_>>>(P);
+        break;
+      case 8:
+        cuda_detail::route_forward_kernel<Sc, LT, 8><<<grid, block, smem, stream_>>>(P);
+        break;
+      case 16:
+        cuda_detail::route_forward_kernel<Sc, LT, 16><<<grid, block, smem, stream_>>>(P);
+        break;
+      default:
+        cuda_detail::route_forward_kernel<Sc, LT, 128><<<grid, block, smem, stream_>>>(P);
+        break;
+    }
+    MOEROUTE_CUDA_CHECK_LAUNCH();
+  }
+
+  /// Copies n host floats to the device through a pinned staging buffer, asynchronously;
+  /// waits only for the previous upload to have left the staging buffer.
+  void stage_upload(float* dst, const float* src, index_t n) {
+    if (!copy_done_) MOEROUTE_CUDA_CHECK(cudaEventCreateWithFlags(&copy_done_, cudaEventDisableTiming));
+    MOEROUTE_CUDA_CHECK(cudaEventSynchronize(copy_done_));
+    staging_.reserve(std::size_t(n));
+    std::memcpy(staging_.data(), src, std::size_t(n) * sizeof(float));
+    MOEROUTE_CUDA_CHECK(
+        cudaMemcpyAsync(dst, staging_.data(), std::size_t(n) * sizeof(float), cudaMemcpyHostToDevice, stream_));
+    MOEROUTE_CUDA_CHECK(cudaEventRecord(copy_done_, stream_));
+  }
+
+  BalanceStats host_stats_view(index_t E) const {
+    BalanceStats s;
+    s.tokens = g_tokens_;
+    s.experts = E;
+    s.top_k = top_k_;
+    s.counts = g_counts_;
+    s.prob_sums = g_probs_;
+    s.lse_sq_sum = g_lse_sq_;
+    s.local_tokens = local_tokens_;
+    for (std::int64_t v : g_counts_) s.assignments += v;
+    return s;
+  }
+
+  cudaStream_t stream_ = nullptr;
+  cudaEvent_t copy_done_ = nullptr;
+  bool bad_initialised_ = false;
+  cuda_detail::DeviceArray<double> part_prob_, part_lse_, prob_f64_, scalars_;
+  cuda_detail::DeviceArray<int> part_count_, plan_part_;
+  cuda_detail::DeviceArray<unsigned long long> bad_;
+  cuda_detail::DeviceArray<float> bias_, dprob_;
+  cuda_detail::PinnedArray<float> staging_;
+  cuda_detail::PinnedArray<std::int64_t> pinned_i64_;
+  cuda_detail::PinnedArray<double> pinned_f64_;
+  // host copies of the last route's global statistics (for the balancers' host hooks)
+  std::vector<float> host_bias_, host_dprob_, g_probs_;
+  std::vector<std::int64_t> g_counts_, red_i64_;
+  std::vector<double> red_f64_;
+  index_t g_tokens_ = 0, local_tokens_ = 0, top_k_ = 0;
+  double g_lse_sq_ = 0.0;
+};
+
+/// Backend tag: NVIDIA GPUs through CUDA. Views hold device pointers; see CudaEngine.
+struct CudaBackend {
+  static constexpr const char* name = "cuda";
+  /// Tells Router to use the engine's device path (route_device/backward_device/step_device).
+  static constexpr bool device = true;
+  template <ScoringPolicy Sc, SelectionPolicy Se>
+  using engine = CudaEngine<Sc, Se>;
+};
+
+}  // namespace moeroute

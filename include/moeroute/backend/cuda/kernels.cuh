@@ -1,0 +1,704 @@
+// moeroute — CUDA backend kernels: the fused routing forward, the backward, the
+// deterministic statistics reduction and the dispatch plan.
+//
+// Bit-identity with the reference backend. Expert ids depend on the exact fp32 scores, so
+// every score is computed with the same IEEE operation sequence as backend/reference:
+// exp_f32/log_f32 from detail/math.hpp, the canonical 8-lane fp64 sum, and explicit
+// round-to-nearest intrinsics (__fadd_rn, __fmul_rn, __fdiv_rn) wherever nvcc could
+// otherwise contract a product and a sum into one fma (its default, --fmad=true).
+//
+// Layout. One warp routes one token; lane l holds experts e = 32·r + l, r < VPT, in
+// registers (VPT = values per lane, a template parameter: E ≤ 32·VPT). Loops over r are
+// fully unrolled for VPT ≤ 16 (E ≤ 512, the fast path); the general path (VPT = 128,
+// E ≤ 4096) keeps them rolled, so its rows live in local memory and compile quickly. Since 32 is a
+// multiple of the 8 canonical lanes, lane l's elements all belong to canonical lane l mod 8,
+// and the canonical sum is reproduced exactly with four shuffles per register.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+#include <type_traits>
+
+#include "../../core.hpp"
+#include "../../detail/math.hpp"
+#include "../../scoring.hpp"
+
+namespace moeroute::cuda_detail {
+
+inline constexpr unsigned full_mask = 0xffffffffu;
+/// Largest number of warps in a routing block (sizes the per-warp shared arrays).
+inline constexpr int max_warps = 8;
+/// "No expert" marker in the warp arg-max.
+inline constexpr int no_index = INT_MAX;
+
+// ---------------------------------------------------------------------------------------
+// Element-wise math with no contractible a·b + c (the host reference never fuses).
+// ---------------------------------------------------------------------------------------
+
+__device__ inline float d_sigmoid(float z) { return __fdiv_rn(1.0f, __fadd_rn(1.0f, detail::exp_f32(-z))); }
+
+__device__ inline float d_log1p(float t) {
+  const float u = __fadd_rn(1.0f, t);
+  if (u == 1.0f) return t;
+  return __fmul_rn(detail::log_f32(u), __fdiv_rn(t, __fsub_rn(u, 1.0f)));
+}
+
+__device__ inline float d_softplus(float z) { return __fadd_rn(fmaxf(z, 0.0f), d_log1p(detail::exp_f32(-fabsf(z)))); }
+
+/// The element-wise score of a policy on the device. The built-in policies use the
+/// contraction-safe forms above; a user policy's score() is called as written (compile it
+/// with --fmad=false for bit-identity with the CPU).
+template <class Sc>
+__device__ inline float d_score(float z) {
+  if constexpr (std::is_same_v<Sc, Sigmoid>)
+    return d_sigmoid(z);
+  else if constexpr (std::is_same_v<Sc, SqrtSoftplus>)
+    return __fsqrt_rn(d_softplus(z));
+  else
+    return Sc::score(z);
+}
+
+template <class Sc>
+__device__ inline float d_derivative(float z, float s) {
+  if constexpr (std::is_same_v<Sc, Sigmoid>) {
+    return __fmul_rn(s, __fsub_rn(1.0f, s));
+  } else if constexpr (std::is_same_v<Sc, SqrtSoftplus>) {
+    const float sig = d_sigmoid(z);
+    return s > 0.0f ? __fdiv_rn(sig, __fmul_rn(2.0f, s)) : 0.0f;
+  } else {
+    return Sc::derivative(z, s);
+  }
+}
+
+template <class L>
+__device__ inline float load_logit(const L* p) {
+  if constexpr (std::is_same_v<L, float>)
+    return __ldg(p);
+  else
+    return L::to_float(__ldg(reinterpret_cast<const unsigned short*>(p)));
+}
+
+// ---------------------------------------------------------------------------------------
+// Warp primitives over a row held as VPT registers per lane.
+// ---------------------------------------------------------------------------------------
+
+__device__ inline float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(full_mask, v, o));
+  return v;
+}
+
+__device__ inline double warp_sum(double v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(full_mask, v, o);
+  return v;
+}
+
+/// canonical_sum (detail/math.hpp) of the row, bit for bit: canonical lane c = l mod 8
+/// accumulates its elements 32·r + c + 8·q in increasing order (absent elements are +0 and
+/// leave a non-negative sum unchanged), then lanes combine as ((0+1)+(2+3))+((4+5)+(6+7))
+/// by a butterfly (fp addition is commutative, so both partners get the same bits).
+template <int VPT>
+__device__ inline double warp_canonical_sum(const float (&x)[VPT], int lane) {
+  const int c = lane & 7;
+  double acc = 0.0;
+#pragma unroll(VPT <= 16 ? VPT : 1)
+  for (int r = 0; r < VPT; ++r) {
+    const float v0 = __shfl_sync(full_mask, x[r], c);
+    const float v1 = __shfl_sync(full_mask, x[r], c + 8);
+    const float v2 = __shfl_sync(full_mask, x[r], c + 16);
+    const float v3 = __shfl_sync(full_mask, x[r], c + 24);
+    acc = __dadd_rn(acc, double(v0));
+    acc = __dadd_rn(acc, double(v1));
+    acc = __dadd_rn(acc, double(v2));
+    acc = __dadd_rn(acc, double(v3));
+  }
+  acc = __dadd_rn(acc, __shfl_xor_sync(full_mask, acc, 1));
+  acc = __dadd_rn(acc, __shfl_xor_sync(full_mask, acc, 2));
+  acc = __dadd_rn(acc, __shfl_xor_sync(full_mask, acc, 4));
+  return acc;
+}
+
+/// Element `idx` (warp-uniform) of the row, delivered to every lane.
+template <int VPT>
+__device__ inline float warp_get(const float (&a)[VPT], int idx) {
+  const int r = idx >> 5;
+  float v = a[0];
+  if constexpr (VPT > 16) {
+    v = a[r];  // the general path keeps its row in local memory anyway
+  } else {
+#pragma unroll
+    for (int q = 1; q < VPT; ++q)
+      if (q == r) v = a[q];
+  }
+  return __shfl_sync(full_mask, v, idx & 31);
+}
+
+/// a[idx] += v on the lane that holds element `idx` (warp-uniform idx and v).
+template <int VPT>
+__device__ inline void warp_add(float (&a)[VPT], int idx, float v, int lane) {
+  if ((idx & 31) != lane) return;
+  const int r = idx >> 5;
+  if constexpr (VPT > 16) {
+    a[r] = __fadd_rn(a[r], v);
+  } else {
+#pragma unroll
+    for (int q = 0; q < VPT; ++q)
+      if (q == r) a[q] = __fadd_rn(a[q], v);
+  }
+}
+
+/// Softmax of the row in the reference's op order; returns the logsumexp.
+template <int VPT>
+__device__ inline float warp_softmax(const float (&z)[VPT], float (&s)[VPT], int lane, int E) {
+  float m = -INFINITY;
+#pragma unroll(VPT <= 16 ? VPT : 1)
+  for (int r = 0; r < VPT; ++r) m = fmaxf(m, z[r]);
+  m = warp_max(m);
+#pragma unroll(VPT <= 16 ? VPT : 1)
+  for (int r = 0; r < VPT; ++r) s[r] = (32 * r + lane < E) ? detail::exp_f32(__fsub_rn(z[r], m)) : 0.0f;
+  const float fsum = float(warp_canonical_sum(s, lane));
+  const float inv = __fdiv_rn(1.0f, fsum);
+#pragma unroll(VPT <= 16 ? VPT : 1)
+  for (int r = 0; r < VPT; ++r) s[r] = __fmul_rn(s[r], inv);
+  return __fadd_rn(m, detail::log_f32(fsum));
+}
+
+/// logsumexp of the row (element-wise scorings compute it only for the z-loss).
+template <int VPT>
+__device__ inline float warp_lse(const float (&z)[VPT], int lane, int E) {
+  float m = -INFINITY;
+#pragma unroll(VPT <= 16 ? VPT : 1)
+  for (int r = 0; r < VPT; ++r) m = fmaxf(m, z[r]);
+  m = warp_max(m);
+  float e[VPT];
+#pragma unroll(VPT <= 16 ? VPT : 1)
+  for (int r = 0; r < VPT; ++r) e[r] = (32 * r + lane < E) ? detail::exp_f32(__fsub_rn(z[r], m)) : 0.0f;
+  return __fadd_rn(m, detail::log_f32(float(warp_canonical_sum(e, lane))));
+}
+
+/// Scores s (selection and gates) and balancing distribution p of a row, as
+/// reference_score_row. For Softmax p is s (the caller reads s). Returns lse when needed
+/// (always for the softmax forms, which get it for free).
+template <class Sc, int VPT>
+__device__ inline float warp_score_row(const float (&z)[VPT], float (&s)[VPT], float (&p)[VPT], int lane, int E,
+                                       bool need_lse) {
+  if constexpr (Sc::form == ScoreForm::softmax) {
+    return warp_softmax(z, s, lane, E);
+  } else if constexpr (Sc::form == ScoreForm::softmax_selected) {
+#pragma unroll(VPT <= 16 ? VPT : 1)
+    for (int r = 0; r < VPT; ++r) s[r] = z[r];
+    return warp_softmax(z, p, lane, E);
+  } else {
+#pragma unroll(VPT <= 16 ? VPT : 1)
+    for (int r = 0; r < VPT; ++r) s[r] = (32 * r + lane < E) ? d_score<Sc>(z[r]) : 0.0f;
+    const float denom = __fadd_rn(float(warp_canonical_sum(s, lane)), normalize_epsilon);
+#pragma unroll(VPT <= 16 ? VPT : 1)
+    for (int r = 0; r < VPT; ++r) p[r] = __fdiv_rn(s[r], denom);
+    return need_lse ? warp_lse(z, lane, E) : 0.0f;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------
+
+/// Everything the forward kernel reads and writes (device pointers).
+template <class L>
+struct ForwardParams {
+  const L* x = nullptr;
+  index_t stride = 0;
+  int T = 0, E = 0, k = 0;
+  int tokens_per_warp = 1;
+  const float* bias = nullptr;  ///< [E] score-space selection bias, or null
+  bool renormalize = false;
+  float scaling = 1.0f;
+  bool nan_as_neg_inf = false;
+  std::int32_t* ids = nullptr;        ///< [T, k]
+  float* gates = nullptr;             ///< [T, k]
+  double* part_prob = nullptr;        ///< [blocks, E] per-block Σ p
+  int* part_count = nullptr;          ///< [blocks, E] per-block counts
+  double* part_lse = nullptr;         ///< [blocks] per-block Σ lse²
+  unsigned long long* bad = nullptr;  ///< first bad logit, coded t·(E+1)+e (e = E: all NaN)
+};
+
+/// Fused routing forward. Block b routes the contiguous tokens [b·tpb, (b+1)·tpb), tpb =
+/// warps · tokens_per_warp, warp w taking tokens b·tpb + i·warps + w. Per-block statistics
+/// are combined in warp order (fixed), so the fp64 sums do not depend on scheduling.
+template <class Sc, class L, int VPT>
+__global__ void __launch_bounds__(256) route_forward_kernel(ForwardParams<L> P) {
+  extern __shared__ double block_red[];  // [E]
+  __shared__ int s_ids[max_warps][max_top_k];
+  __shared__ float s_sel[max_warps][max_top_k];
+  __shared__ double s_lse[max_warps];
+
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, W = blockDim.x >> 5;
+  const int E = P.E, k = P.k;
+  const index_t tpb = index_t(W) * P.tokens_per_warp;
+  const index_t t0 = index_t(blockIdx.x) * tpb;
+
+  float bias[VPT];
+#pragma unroll(VPT <= 16 ? VPT : 1)
+  for (int r = 0; r < VPT; ++r) bias[r] = (P.bias && 32 * r + lane < E) ? P.bias[32 * r + lane] : 0.0f;
+  double pacc[VPT];
+  int cnt[VPT];
+#pragma unroll(VPT <= 16 ? VPT : 1)
+  for (int r = 0; r < VPT; ++r) {
+    pacc[r] = 0.0;
+    cnt[r] = 0;
+  }
+  double lacc = 0.0;
+
+  for (int i = 0; i < P.tokens_per_warp; ++i) {
+    const index_t t = t0 + index_t(i) * W + w;  // warp-uniform
+    if (t >= P.T) break;
+    const L* row = P.x + t * P.stride;
+
+    // load, with the non-finite policy: record the first offending logit (row-major)
+    float z[VPT];
+    bool any_finite = false;
+#pragma unroll(VPT <= 16 ? VPT : 1)
+    for (int r = 0; r < VPT; ++r) {
+      const int e = 32 * r + lane;
+      float v = -INFINITY;
+      if (e < E) {
+        v = load_logit(row + e);
+        if (isfinite(v)) {
+          any_finite = true;
+        } else if (P.nan_as_neg_inf && v != v) {
+          v = -INFINITY;
+        } else {
+          atomicMin(P.bad, static_cast<unsigned long long>(t) * (E + 1) + e);
+        }
+      }
+      z[r] = v;
+    }
+    if (P.nan_as_neg_inf && !__any_sync(full_mask, any_finite) && lane == 0)
+      atomicMin(P.bad, static_cast<unsigned long long>(t) * (E + 1) + E);
+
+    float s[VPT], p[VPT];
+    const float lse = warp_score_row<Sc>(z, s, p, lane, E, P.part_lse != nullptr);
+
+    // top-k of key = s + b: k rounds of a warp arg-max under (key desc, index asc)
+    float key[VPT];
+    bool taken[VPT];
+#pragma unroll(VPT <= 16 ? VPT : 1)
+    for (int r = 0; r < VPT; ++r) {
+      key[r] = P.bias ? __fadd_rn(s[r], bias[r]) : s[r];
+      taken[r] = 32 * r + lane >= E;
+    }
+    for (int j = 0; j < k; ++j) {
+      float bk = -INFINITY;
+      int bi = no_index;
+#pragma unroll(VPT <= 16 ? VPT : 1)
+      for (int r = 0; r < VPT; ++r)
+        if (!taken[r] && (bi == no_index || key[r] > bk)) {
+          bk = key[r];
+          bi = 32 * r + lane;
+        }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+        const float ok = __shfl_xor_sync(full_mask, bk, o);
+        const int oi = __shfl_xor_sync(full_mask, bi, o);
+        if (oi != no_index && (bi == no_index || ok > bk || (ok == bk && oi < bi))) {
+          bk = ok;
+          bi = oi;
+        }
+      }
+      if ((bi & 31) == lane) {
+        if constexpr (VPT > 16) {
+          taken[bi >> 5] = true;
+        } else {
+#pragma unroll
+          for (int r = 0; r < VPT; ++r)
+            if (r == (bi >> 5)) taken[r] = true;
+        }
+      }
+      const float sv = warp_get(s, bi);
+      if (lane == 0) {
+        s_ids[w][j] = bi;
+        s_sel[w][j] = sv;
+      }
+    }
+    __syncwarp();
+
+    // gates, as reference_gates_row (every lane forms the token's scalars redundantly)
+    float g_mul = 1.0f, g_div = 1.0f, g_max = 0.0f;
+    if constexpr (Sc::form == ScoreForm::softmax_selected) {
+      float m = -INFINITY;
+      for (int j = 0; j < k; ++j) {
+        const float x = s_sel[w][j];
+        m = (m < x) ? x : m;
+      }
+      double sum = 0.0;
+      for (int j = 0; j < k; ++j) sum = __dadd_rn(sum, double(detail::exp_f32(__fsub_rn(s_sel[w][j], m))));
+      g_max = m;
+      g_mul = __fdiv_rn(1.0f, float(sum));
+    } else if (P.renormalize) {
+      float sum = 0.0f;
+      for (int j = 0; j < k; ++j) sum = __fadd_rn(sum, s_sel[w][j]);
+      g_div = __fadd_rn(sum, normalize_epsilon);
+    }
+    for (int j = lane; j < k; j += 32) {
+      float g = s_sel[w][j];
+      if constexpr (Sc::form == ScoreForm::softmax_selected)
+        g = __fmul_rn(detail::exp_f32(__fsub_rn(g, g_max)), g_mul);
+      else if (P.renormalize)
+        g = __fdiv_rn(g, g_div);
+      if (P.scaling != 1.0f) g = __fmul_rn(g, P.scaling);
+      P.ids[t * k + j] = s_ids[w][j];
+      P.gates[t * k + j] = g;
+    }
+    __syncwarp();
+
+    // statistics of this warp's tokens (fixed token order)
+#pragma unroll(VPT <= 16 ? VPT : 1)
+    for (int r = 0; r < VPT; ++r) {
+      if (32 * r + lane >= E) continue;
+      cnt[r] += taken[r] ? 1 : 0;
+      const float pr = (Sc::form == ScoreForm::softmax) ? s[r] : p[r];
+      pacc[r] = __dadd_rn(pacc[r], double(pr));
+    }
+    lacc = __dadd_rn(lacc, __dmul_rn(double(lse), double(lse)));
+  }
+
+  // block partials: warps add in warp order (fixed), then one row per block
+  for (int q = 0; q < W; ++q) {
+    if (w == q) {
+#pragma unroll(VPT <= 16 ? VPT : 1)
+      for (int r = 0; r < VPT; ++r) {
+        const int e = 32 * r + lane;
+        if (e < E) block_red[e] = q == 0 ? pacc[r] : __dadd_rn(block_red[e], pacc[r]);
+      }
+    }
+    __syncthreads();
+  }
+  for (int e = threadIdx.x; e < E; e += blockDim.x) P.part_prob[index_t(blockIdx.x) * E + e] = block_red[e];
+  if (lane == 0) s_lse[w] = lacc;
+  __syncthreads();
+  int* block_cnt = reinterpret_cast<int*>(block_red);
+  for (int e = threadIdx.x; e < E; e += blockDim.x) block_cnt[e] = 0;
+  if (threadIdx.x == 0 && P.part_lse) {
+    double l = 0.0;
+    for (int q = 0; q < W; ++q) l = __dadd_rn(l, s_lse[q]);
+    P.part_lse[blockIdx.x] = l;
+  }
+  __syncthreads();
+#pragma unroll(VPT <= 16 ? VPT : 1)
+  for (int r = 0; r < VPT; ++r) {
+    const int e = 32 * r + lane;
+    if (e < E && cnt[r] != 0) atomicAdd(block_cnt + e, cnt[r]);  // integer: order-free
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < E; e += blockDim.x) P.part_count[index_t(blockIdx.x) * E + e] = block_cnt[e];
+}
+
+inline constexpr int reduce_threads = 128;
+
+/// Per-expert totals of the per-block partials, in a fixed order: thread i sums blocks
+/// i, i + 128, ... in increasing order, then a fixed tree. Block E reduces Σ lse².
+__global__ void __launch_bounds__(reduce_threads)
+    reduce_stats_kernel(int blocks, int E, const double* part_prob, const int* part_count, const double* part_lse,
+                        std::int64_t* counts, std::int64_t* global_counts, float* prob_sums, float* global_prob_sums,
+                        double* prob_sums_f64, double* lse_sq_sum) {
+  __shared__ double sp[reduce_threads];
+  __shared__ long long sc[reduce_threads];
+  const int e = blockIdx.x, i = threadIdx.x;
+  double ps = 0.0;
+  long long cs = 0;
+  if (e < E) {
+    for (int b = i; b < blocks; b += reduce_threads) {
+      ps = __dadd_rn(ps, part_prob[index_t(b) * E + e]);
+      cs += part_count[index_t(b) * E + e];
+    }
+  } else if (part_lse) {
+    for (int b = i; b < blocks; b += reduce_threads) ps = __dadd_rn(ps, part_lse[b]);
+  }
+  sp[i] = ps;
+  sc[i] = cs;
+  __syncthreads();
+  for (int h = reduce_threads / 2; h > 0; h >>= 1) {
+    if (i < h) {
+      sp[i] = __dadd_rn(sp[i], sp[i + h]);
+      sc[i] += sc[i + h];
+    }
+    __syncthreads();
+  }
+  if (i != 0) return;
+  if (e < E) {
+    counts[e] = sc[0];
+    if (global_counts) global_counts[e] = sc[0];
+    prob_sums[e] = float(sp[0]);
+    if (global_prob_sums) global_prob_sums[e] = float(sp[0]);
+    if (prob_sums_f64) prob_sums_f64[e] = sp[0];
+  } else {
+    *lse_sq_sum = part_lse ? sp[0] : 0.0;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------
+
+/// Everything the backward kernel reads and writes (device pointers).
+template <class L>
+struct BackwardParams {
+  const L* x = nullptr;
+  index_t stride = 0;
+  int T = 0, E = 0, k = 0;
+  const std::int32_t* ids = nullptr;  ///< [T, k]
+  const float* dg = nullptr;          ///< ∂L/∂gates [T, k] with row stride dg_stride
+  index_t dg_stride = 0;
+  bool renormalize = false;
+  float scaling = 1.0f;
+  bool nan_as_neg_inf = false;
+  const float* dprob = nullptr;      ///< [E] or null
+  const float* dprob_seq = nullptr;  ///< [S, E] or null
+  index_t sequence_length = 0;
+  float dlse_sq = 0.0f;
+  float* dz = nullptr;  ///< ∂L/∂logits [T, E] with row stride dz_stride (written)
+  index_t dz_stride = 0;
+};
+
+/// dL/dz of one token per warp: recomputes the scores, then the gate backward and the
+/// chain rule of reference_gates_backward_row / reference_chain_row.
+template <class Sc, class L, int VPT>
+__global__ void __launch_bounds__(256) route_backward_kernel(BackwardParams<L> P) {
+  __shared__ int s_ids[max_warps][max_top_k];
+  __shared__ float s_dg[max_warps][max_top_k];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, W = blockDim.x >> 5;
+  const int E = P.E, k = P.k;
+  const index_t t = index_t(blockIdx.x) * W + w;
+  if (t >= P.T) return;  // warp-uniform; no block barrier below
+  const L* row = P.x + t * P.stride;
+
+  float z[VPT];
+#pragma unroll(VPT <= 16 ? VPT : 1)
+  for (int r = 0; r < VPT; ++r) {
+    const int e = 32 * r + lane;
+    float v = -INFINITY;
+    if (e < E) {
+      v = load_logit(row + e);
+      if (P.nan_as_neg_inf && v != v) v = -INFINITY;
+    }
+    z[r] = v;
+  }
+  float s[VPT], p[VPT];
+  const float lse = warp_score_row<Sc>(z, s, p, lane, E, P.dlse_sq != 0.0f);
+
+  for (int j = lane; j < k; j += 32) {
+    s_ids[w][j] = P.ids[t * k + j];
+    s_dg[w][j] = P.dg[t * P.dg_stride + j];
+  }
+  __syncwarp();
+
+  float ds[VPT], dz[VPT];
+#pragma unroll(VPT <= 16 ? VPT : 1)
+  for (int r = 0; r < VPT; ++r) {
+    ds[r] = 0.0f;
+    dz[r] = 0.0f;
+  }
+  const float gamma = P.scaling;
+  if constexpr (Sc::form == ScoreForm::softmax_selected) {
+    float m = -INFINITY;
+    for (int j = 0; j < k; ++j) {
+      const float x = warp_get(s, s_ids[w][j]);
+      m = (m < x) ? x : m;
+    }
+    double sum = 0.0;
+    for (int j = 0; j < k; ++j) sum = __dadd_rn(sum, double(detail::exp_f32(__fsub_rn(warp_get(s, s_ids[w][j]), m))));
+    const float inv = __fdiv_rn(1.0f, float(sum));
+    double dot = 0.0;
+    for (int j = 0; j < k; ++j) {
+      const float g0 = __fmul_rn(detail::exp_f32(__fsub_rn(warp_get(s, s_ids[w][j]), m)), inv);
+      dot = __dadd_rn(dot, __dmul_rn(double(g0), double(__fmul_rn(gamma, s_dg[w][j]))));
+    }
+    const float fdot = float(dot);
+    for (int j = 0; j < k; ++j) {
+      const int id = s_ids[w][j];
+      const float g0 = __fmul_rn(detail::exp_f32(__fsub_rn(warp_get(s, id), m)), inv);
+      warp_add(dz, id, __fmul_rn(g0, __fsub_rn(__fmul_rn(gamma, s_dg[w][j]), fdot)), lane);
+    }
+  } else if (P.renormalize) {
+    float sum = 0.0f;
+    double dot = 0.0;
+    for (int j = 0; j < k; ++j) {
+      const float sj = warp_get(s, s_ids[w][j]);
+      sum = __fadd_rn(sum, sj);
+      dot = __dadd_rn(dot, __dmul_rn(double(__fmul_rn(gamma, s_dg[w][j])), double(sj)));
+    }
+    const float denom = __fadd_rn(sum, normalize_epsilon);
+    const float corr = __fdiv_rn(float(dot), __fmul_rn(denom, denom));
+    for (int j = 0; j < k; ++j)
+      warp_add(ds, s_ids[w][j], __fsub_rn(__fdiv_rn(__fmul_rn(gamma, s_dg[w][j]), denom), corr), lane);
+  } else {
+    for (int j = 0; j < k; ++j) warp_add(ds, s_ids[w][j], __fmul_rn(gamma, s_dg[w][j]), lane);
+  }
+
+  // ∂L/∂p of the balancers, constant per expert (and per sequence)
+  const bool has_dp = P.dprob || P.dprob_seq;
+  float dp[VPT];
+  if (has_dp) {
+    const index_t q = P.sequence_length > 0 ? t / P.sequence_length : 0;
+#pragma unroll(VPT <= 16 ? VPT : 1)
+    for (int r = 0; r < VPT; ++r) {
+      const int e = 32 * r + lane;
+      float v = 0.0f;
+      if (e < E) {
+        if (P.dprob) v = P.dprob[e];
+        if (P.dprob_seq) v = __fadd_rn(v, P.dprob_seq[q * E + e]);
+      }
+      dp[r] = v;
+    }
+  }
+
+  if constexpr (Sc::form == ScoreForm::softmax) {
+    if (has_dp) {
+#pragma unroll(VPT <= 16 ? VPT : 1)
+      for (int r = 0; r < VPT; ++r) ds[r] = __fadd_rn(ds[r], dp[r]);
+    }
+    double dot = 0.0;
+#pragma unroll(VPT <= 16 ? VPT : 1)
+    for (int r = 0; r < VPT; ++r) dot = __dadd_rn(dot, __dmul_rn(double(s[r]), double(ds[r])));
+    const float fdot = float(warp_sum(dot));
+#pragma unroll(VPT <= 16 ? VPT : 1)
+    for (int r = 0; r < VPT; ++r) dz[r] = __fadd_rn(dz[r], __fmul_rn(s[r], __fsub_rn(ds[r], fdot)));
+  } else if constexpr (Sc::form == ScoreForm::softmax_selected) {
+    if (has_dp) {
+      double dot = 0.0;
+#pragma unroll(VPT <= 16 ? VPT : 1)
+      for (int r = 0; r < VPT; ++r) dot = __dadd_rn(dot, __dmul_rn(double(p[r]), double(dp[r])));
+      const float fdot = float(warp_sum(dot));
+#pragma unroll(VPT <= 16 ? VPT : 1)
+      for (int r = 0; r < VPT; ++r) dz[r] = __fadd_rn(dz[r], __fmul_rn(p[r], __fsub_rn(dp[r], fdot)));
+    }
+  } else {
+    if (has_dp) {
+      double dot = 0.0;
+#pragma unroll(VPT <= 16 ? VPT : 1)
+      for (int r = 0; r < VPT; ++r) dot = __dadd_rn(dot, __dmul_rn(double(p[r]), double(dp[r])));
+      const float fdot = float(warp_sum(dot));
+      const float denom = __fadd_rn(float(warp_canonical_sum(s, lane)), normalize_epsilon);
+#pragma unroll(VPT <= 16 ? VPT : 1)
+      for (int r = 0; r < VPT; ++r) ds[r] = __fadd_rn(ds[r], __fdiv_rn(__fsub_rn(dp[r], fdot), denom));
+    }
+#pragma unroll(VPT <= 16 ? VPT : 1)
+    for (int r = 0; r < VPT; ++r)
+      if (32 * r + lane < E) dz[r] = __fadd_rn(dz[r], __fmul_rn(ds[r], d_derivative<Sc>(z[r], s[r])));
+  }
+  if (P.dlse_sq != 0.0f) {
+    const float c = __fmul_rn(__fmul_rn(2.0f, P.dlse_sq), lse);
+#pragma unroll(VPT <= 16 ? VPT : 1)
+    for (int r = 0; r < VPT; ++r) dz[r] = __fadd_rn(dz[r], __fmul_rn(c, detail::exp_f32(__fsub_rn(z[r], lse))));
+  }
+  float* out = P.dz + t * P.dz_stride;
+#pragma unroll(VPT <= 16 ? VPT : 1)
+  for (int r = 0; r < VPT; ++r)
+    if (32 * r + lane < E) out[32 * r + lane] = dz[r];
+}
+
+// ---------------------------------------------------------------------------------------
+// Dispatch plan (no drop, no padding): counts, offsets, the stable expert-major order of
+// the assignments a = t·k + j and its inverse. No step depends on the order of atomics.
+// ---------------------------------------------------------------------------------------
+
+/// Tokens per chunk of the plan kernels.
+inline constexpr int plan_chunk_tokens = 256;
+inline constexpr int plan_threads = 128;
+
+/// Per-chunk expert histogram of the ids: part[c, e].
+__global__ void plan_count_kernel(const std::int32_t* ids, int T, int k, int E, int* part) {
+  extern __shared__ int hist[];
+  for (int e = threadIdx.x; e < E; e += blockDim.x) hist[e] = 0;
+  __syncthreads();
+  const index_t a0 = index_t(blockIdx.x) * plan_chunk_tokens * k;
+  const index_t a1 = min(index_t(T), index_t(blockIdx.x + 1) * plan_chunk_tokens) * k;
+  for (index_t a = a0 + threadIdx.x; a < a1; a += blockDim.x) atomicAdd(hist + ids[a], 1);
+  __syncthreads();
+  for (int e = threadIdx.x; e < E; e += blockDim.x) part[index_t(blockIdx.x) * E + e] = hist[e];
+}
+
+/// Exclusive block scan of one int per thread (blockDim.x = plan_threads); returns the
+/// exclusive prefix and sets `total`.
+__device__ inline int block_exclusive_scan(int v, int& total) {
+  __shared__ int warp_tot[plan_threads / 32];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  int x = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(full_mask, x, o);
+    if (lane >= o) x += y;
+  }
+  if (lane == 31) warp_tot[w] = x;
+  __syncthreads();
+  int before = 0;
+  total = 0;
+  for (int q = 0; q < plan_threads / 32; ++q) {
+    if (q < w) before += warp_tot[q];
+    total += warp_tot[q];
+  }
+  __syncthreads();
+  return before + x - v;
+}
+
+/// Per expert (one block each): the exclusive scan of its chunk counts over the chunks
+/// (written back into part, in place) and its total count.
+__global__ void __launch_bounds__(plan_threads) plan_scan_chunks_kernel(int chunks, int E, int* part, int* counts) {
+  const int e = blockIdx.x;
+  int running = 0;
+  for (int c0 = 0; c0 < chunks; c0 += plan_threads) {
+    const int c = c0 + int(threadIdx.x);
+    const int v = c < chunks ? part[index_t(c) * E + e] : 0;
+    int total = 0;
+    const int ex = block_exclusive_scan(v, total);
+    if (c < chunks) part[index_t(c) * E + e] = running + ex;
+    running += total;
+  }
+  if (threadIdx.x == 0) counts[e] = running;
+}
+
+/// offsets[0..E] = exclusive scan of counts (one block).
+__global__ void __launch_bounds__(plan_threads) plan_offsets_kernel(int E, const int* counts, int* offsets) {
+  int running = 0;
+  for (int e0 = 0; e0 < E; e0 += plan_threads) {
+    const int e = e0 + int(threadIdx.x);
+    const int v = e < E ? counts[e] : 0;
+    int total = 0;
+    const int ex = block_exclusive_scan(v, total);
+    if (e < E) offsets[e] = running + ex;
+    running += total;
+  }
+  if (threadIdx.x == 0) offsets[E] = running;
+}
+
+/// One warp per chunk: walks the chunk's assignments in order, 32 at a time; lanes with the
+/// same expert are ranked by lane (= assignment order, and a token has an expert at most
+/// once), so positions are token-ascending within each expert.
+__global__ void __launch_bounds__(32)
+    plan_scatter_kernel(const std::int32_t* ids, int T, int k, int E, const int* chunk_base, const int* offsets,
+                        std::int32_t* order, std::int32_t* position) {
+  extern __shared__ int cursor[];
+  const int lane = threadIdx.x;
+  for (int e = lane; e < E; e += 32) cursor[e] = offsets[e] + chunk_base[index_t(blockIdx.x) * E + e];
+  __syncwarp();
+  const index_t a0 = index_t(blockIdx.x) * plan_chunk_tokens * k;
+  const index_t a1 = min(index_t(T), index_t(blockIdx.x + 1) * plan_chunk_tokens) * k;
+  for (index_t base = a0; base < a1; base += 32) {
+    const index_t a = base + lane;
+    const int e = a < a1 ? ids[a] : -1;
+    const unsigned peers = __match_any_sync(full_mask, e);
+    const int rank = __popc(peers & ((1u << lane) - 1u));
+    const int pos = e >= 0 ? cursor[e] + rank : 0;
+    __syncwarp();
+    if (e >= 0 && rank == 0) cursor[e] += __popc(peers);
+    __syncwarp();
+    if (e >= 0) {
+      order[pos] = std::int32_t(a);
+      position[a] = pos;
+    }
+  }
+}
+
+}  // namespace moeroute::cuda_detail

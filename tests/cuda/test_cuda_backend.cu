@@ -1,0 +1,458 @@
+// CudaBackend against ReferenceBackend: the same ids, counts and dispatch plan bit for bit,
+// gates, probability sums, losses and gradients within 1e-6 relative, on random and
+// adversarial inputs; CUDA-graph capture of route + backward. Without a CUDA device every
+// case prints "skipped: no CUDA device" and passes.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <moeroute/backend/cuda/engine.cuh>
+#include <moeroute/moeroute.hpp>
+#include <random>
+#include <type_traits>
+#include <vector>
+
+using namespace moeroute;
+
+namespace {
+
+bool cuda_ready() {
+  static const int n = cuda_device_count();
+  if (n == 0) {
+    static bool said = false;
+    if (!said) std::puts("skipped: no CUDA device");
+    said = true;
+  }
+  return n > 0;
+}
+
+/// A device copy of a host vector (freed at scope exit).
+template <class T>
+struct Dev {
+  T* p = nullptr;
+  std::size_t n = 0;
+  explicit Dev(std::size_t count) : n(count) {
+    MOEROUTE_CUDA_CHECK(cudaMalloc(&p, std::max<std::size_t>(n, 1) * sizeof(T)));
+    MOEROUTE_CUDA_CHECK(cudaMemset(p, 0, std::max<std::size_t>(n, 1) * sizeof(T)));
+  }
+  explicit Dev(const std::vector<T>& h) : Dev(h.size()) { upload(h); }
+  Dev(const Dev&) = delete;
+  Dev& operator=(const Dev&) = delete;
+  ~Dev() { cudaFree(p); }
+  void upload(const std::vector<T>& h) {
+    MOEROUTE_CUDA_CHECK(cudaMemcpy(p, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  std::vector<T> download() const {
+    std::vector<T> h(n);
+    MOEROUTE_CUDA_CHECK(cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return h;
+  }
+  std::span<T> span() const { return {p, n}; }
+};
+
+/// Device storage for a token-choice RoutingView.
+struct DevRouting {
+  Dev<std::int32_t> ids;
+  Dev<float> gates;
+  Dev<std::int64_t> counts, gcounts;
+  Dev<float> probs, gprobs;
+  index_t T, E, k;
+  DevRouting(index_t T_, index_t E_, index_t k_)
+      : ids(std::size_t(T_ * k_)),
+        gates(std::size_t(T_ * k_)),
+        counts(std::size_t(E_)),
+        gcounts(std::size_t(E_)),
+        probs(std::size_t(E_)),
+        gprobs(std::size_t(E_)),
+        T(T_),
+        E(E_),
+        k(k_) {}
+  RoutingView view() const {
+    RoutingView v;
+    v.kind = ChoiceKind::token;
+    v.tokens = T;
+    v.experts = E;
+    v.slots = k;
+    v.ids = ids.span();
+    v.gates = gates.span();
+    v.counts = counts.span();
+    v.global_counts = gcounts.span();
+    v.prob_sums = probs.span();
+    v.global_prob_sums = gprobs.span();
+    return v;
+  }
+};
+
+}  // namespace
+
+// Test balancers (outside the anonymous namespace: their `name` is part of the concept).
+namespace cuda_test {
+
+/// A fixed score-space bias (tests the selection-bias path).
+struct FixedBias {
+  struct Config {
+    std::vector<float> bias;
+  };
+  static constexpr const char* name = "fixed_bias";
+  std::vector<float> b;
+  FixedBias(index_t, const Config& c) : b(c.bias) {}
+  void selection_bias(std::span<float> out) const {
+    for (std::size_t e = 0; e < out.size(); ++e) out[e] += b[e];
+  }
+};
+
+/// Fixed ∂L/∂p and z-loss coefficients (tests the backward's balancer terms).
+struct FixedAux {
+  struct Config {
+    std::vector<float> dprob;
+    float dlse = 0.0f;
+  };
+  static constexpr const char* name = "fixed_aux";
+  Config c;
+  FixedAux(index_t, const Config& cfg) : c(cfg) {}
+  float aux_loss(const BalanceStats& s, AuxGradient& g) const {
+    double v = 0.0;
+    for (std::size_t e = 0; e < c.dprob.size(); ++e) {
+      g.dprob[e] += c.dprob[e];
+      v += double(c.dprob[e]) * s.prob_sums[e];
+    }
+    g.any_dprob = true;
+    g.dlse_sq += c.dlse;
+    return float(v + c.dlse * s.lse_sq_sum);
+  }
+};
+
+}  // namespace cuda_test
+using cuda_test::FixedAux;
+using cuda_test::FixedBias;
+
+namespace {
+
+bool close(float a, float b, float rel, float scale) { return std::fabs(a - b) <= rel * std::max(std::fabs(b), scale); }
+
+template <class L>
+std::vector<L> to_logits(const std::vector<float>& z) {
+  std::vector<L> out(z.size());
+  for (std::size_t i = 0; i < z.size(); ++i) {
+    if constexpr (std::is_same_v<L, float>)
+      out[i] = z[i];
+    else
+      out[i] = L(z[i]);
+  }
+  return out;
+}
+
+enum class Input { random, ties, huge, tiny_spread };
+
+std::vector<float> make_input(Input kind, index_t T, index_t E, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n(0.0f, 2.0f);
+  std::uniform_int_distribution<int> q(0, 3);
+  std::vector<float> z(std::size_t(T * E));
+  for (auto& v : z) {
+    switch (kind) {
+      case Input::random:
+        v = n(rng);
+        break;
+      case Input::ties:  // few distinct values: many exact ties in every row
+        v = 0.5f * float(q(rng));
+        break;
+      case Input::huge:  // overflow a naive exp, exercise the max shift
+        v = 1e4f * n(rng);
+        break;
+      case Input::tiny_spread:  // scores that differ in the last bits
+        v = 1.0f + 1e-6f * float(q(rng));
+        break;
+    }
+  }
+  return z;
+}
+
+/// Routes the same logits with ReferenceBackend and CudaBackend (through Router) and
+/// compares forward, backward and the dispatch plan.
+template <class Sc, class L, class Bal = NoBalancing>
+void compare(index_t T, index_t E, index_t k, Input kind, bool renorm, float scaling, unsigned seed,
+             const typename Bal::Config& bal = {}) {
+  CAPTURE(T);
+  CAPTURE(E);
+  CAPTURE(k);
+  CAPTURE(int(kind));
+  CAPTURE(renorm);
+  CAPTURE(Sc::name);
+  RouterConfig cfg;
+  cfg.num_experts = E;
+  cfg.top_k = k;
+  cfg.renormalize = renorm;
+  cfg.scaling = scaling;
+  Router<TopKRuntime, Bal, ReferenceBackend, Sc> ref(cfg, bal);
+  Router<TopKRuntime, Bal, CudaBackend, Sc> gpu(cfg, bal);
+
+  const std::vector<L> x = to_logits<L>(make_input(kind, T, E, seed));
+  RoutingBuffers rb;
+  RoutingView rv = ref.make_output(rb, T);
+  ref.route(MatrixView<const L>(x.data(), T, E), rv);
+
+  Dev<L> dx(x);
+  DevRouting dr(T, E, k);
+  RoutingView gv = dr.view();
+  gpu.route(MatrixView<const L>(dx.p, T, E), gv);
+  gpu.engine().check_errors(MatrixView<const L>(dx.p, T, E));
+
+  const auto ids = dr.ids.download();
+  const auto gates = dr.gates.download();
+  const auto counts = dr.counts.download();
+  const auto probs = dr.probs.download();
+  const auto gcounts = dr.gcounts.download();
+  CHECK(std::equal(ids.begin(), ids.end(), rv.ids.begin()));
+  CHECK(std::equal(counts.begin(), counts.end(), rv.counts.begin()));
+  CHECK(std::equal(gcounts.begin(), gcounts.end(), rv.global_counts.begin()));
+  int bad = 0;
+  for (std::size_t i = 0; i < gates.size(); ++i) bad += !close(gates[i], rv.gates[i], 1e-6f, 1e-30f);
+  CHECK(bad == 0);
+  bad = 0;
+  for (index_t e = 0; e < E; ++e) bad += !close(probs[std::size_t(e)], rv.prob_sums[std::size_t(e)], 1e-6f, 1e-6f);
+  CHECK(bad == 0);
+  CHECK(close(gv.aux_loss, rv.aux_loss, 1e-6f, 1e-12f));
+
+  // backward
+  std::mt19937 rng(seed + 1);
+  std::normal_distribution<float> n(0.0f, 1.0f);
+  std::vector<float> dg(std::size_t(T * k));
+  for (auto& v : dg) v = n(rng);
+  std::vector<float> dz_ref(std::size_t(T * E));
+  ref.backward(MatrixView<const L>(x.data(), T, E), rv, MatrixView<const float>(dg.data(), T, k),
+               MatrixView<float>(dz_ref.data(), T, E));
+  Dev<float> ddg(dg), ddz(std::size_t(T * E));
+  gpu.backward(MatrixView<const L>(dx.p, T, E), gv, MatrixView<const float>(ddg.p, T, k),
+               MatrixView<float>(ddz.p, T, E));
+  const auto dz = ddz.download();
+  bad = 0;
+  for (index_t t = 0; t < T; ++t) {
+    float rowmax = 0.0f;
+    for (index_t e = 0; e < E; ++e) rowmax = std::max(rowmax, std::fabs(dz_ref[std::size_t(t * E + e)]));
+    // relative to the element, floored at 1e-3 of the row's largest (absorbs fp64 summation order)
+    for (index_t e = 0; e < E; ++e)
+      bad +=
+          !close(dz[std::size_t(t * E + e)], dz_ref[std::size_t(t * E + e)], 1e-6f, std::max(1e-3f * rowmax, 1e-30f));
+  }
+  CHECK(bad == 0);
+
+  // dispatch plan: a naive stable counting sort of the reference ids
+  Dev<std::int32_t> pc{std::size_t(E)}, po{std::size_t(E + 1)}, order{std::size_t(T * k)}, pos{std::size_t(T * k)};
+  gpu.engine().plan(gv, CudaPlanView{pc.span(), po.span(), order.span(), pos.span()});
+  std::vector<std::int32_t> off(std::size_t(E + 1), 0), want(std::size_t(T * k));
+  for (std::int32_t id : rv.ids) ++off[std::size_t(id) + 1];
+  for (index_t e = 0; e < E; ++e) off[std::size_t(e + 1)] += off[std::size_t(e)];
+  std::vector<std::int32_t> cur(off.begin(), off.end() - 1);
+  for (index_t a = 0; a < T * k; ++a) want[std::size_t(cur[std::size_t(rv.ids[std::size_t(a)])]++)] = std::int32_t(a);
+  const auto got_off = po.download(), got_order = order.download(), got_pos = pos.download();
+  CHECK(got_off == off);
+  CHECK(got_order == want);
+  bad = 0;
+  for (index_t i = 0; i < T * k; ++i) bad += got_pos[std::size_t(want[std::size_t(i)])] != i;
+  CHECK(bad == 0);
+}
+
+}  // namespace
+
+TEST_CASE("cuda: softmax top-k equals the reference on random inputs, many shapes") {
+  if (!cuda_ready()) return;
+  const index_t shapes[][3] = {{1, 1, 1},     {5, 7, 2},      {300, 64, 8},   {1000, 257, 8},  {257, 256, 8},
+                               {64, 512, 64}, {100, 1000, 8}, {33, 4096, 64}, {20000, 128, 2}, {40000, 256, 8}};
+  unsigned seed = 1;
+  for (auto& s : shapes) {
+    compare<Softmax, float>(s[0], s[1], s[2], Input::random, false, 1.0f, seed++);
+    compare<Softmax, float>(s[0], s[1], s[2], Input::random, true, 2.5f, seed++);
+  }
+}
+
+TEST_CASE("cuda: adversarial inputs (ties, huge logits, last-bit differences)") {
+  if (!cuda_ready()) return;
+  for (Input kind : {Input::ties, Input::huge, Input::tiny_spread}) {
+    compare<Softmax, float>(200, 64, 8, kind, false, 1.0f, 11);
+    compare<Softmax, float>(100, 1000, 64, kind, true, 1.0f, 12);
+    compare<Sigmoid, float>(200, 257, 8, kind, true, 2.5f, 13);
+    compare<SoftmaxOverSelected, float>(200, 96, 4, kind, false, 1.0f, 14);
+  }
+}
+
+TEST_CASE("cuda: every scoring policy") {
+  if (!cuda_ready()) return;
+  compare<Sigmoid, float>(500, 256, 8, Input::random, true, 2.5f, 21);
+  compare<Sigmoid, float>(500, 300, 6, Input::random, false, 1.0f, 22);
+  compare<SqrtSoftplus, float>(500, 256, 8, Input::random, true, 1.0f, 23);
+  compare<SqrtSoftplus, float>(50, 4096, 16, Input::random, false, 1.0f, 24);
+  compare<SoftmaxOverSelected, float>(500, 64, 2, Input::random, false, 1.0f, 25);
+  compare<SoftmaxOverSelected, float>(50, 2000, 33, Input::random, false, 3.0f, 26);
+}
+
+TEST_CASE("cuda: bf16 and fp16 logits") {
+  if (!cuda_ready()) return;
+  compare<Softmax, bfloat16>(1000, 256, 8, Input::random, true, 1.0f, 31);
+  compare<Softmax, float16>(1000, 384, 8, Input::random, false, 1.0f, 32);
+  compare<Sigmoid, bfloat16>(300, 128, 8, Input::ties, true, 1.0f, 33);
+  compare<Softmax, bfloat16>(30, 4096, 64, Input::random, false, 1.0f, 34);
+}
+
+TEST_CASE("cuda: selection bias and balancer gradient terms") {
+  if (!cuda_ready()) return;
+  for (index_t E : {64, 257, 1024}) {
+    std::vector<float> b(static_cast<std::size_t>(E)), dp(static_cast<std::size_t>(E));
+    for (index_t e = 0; e < E; ++e) {
+      b[std::size_t(e)] = 0.01f * float((e * 37) % 11) - 0.05f;
+      dp[std::size_t(e)] = 0.1f * std::sin(float(e));
+    }
+    compare<Softmax, float, FixedBias>(700, E, 8, Input::random, false, 1.0f, 41, FixedBias::Config{b});
+    compare<Sigmoid, float, FixedBias>(700, E, 8, Input::random, true, 1.0f, 42, FixedBias::Config{b});
+    compare<Softmax, float, FixedAux>(700, E, 8, Input::random, true, 1.0f, 43, FixedAux::Config{dp, 1e-3f});
+    compare<Sigmoid, float, FixedAux>(700, E, 8, Input::random, true, 1.0f, 44, FixedAux::Config{dp, 1e-3f});
+    compare<SqrtSoftplus, float, FixedAux>(300, E, 4, Input::random, false, 1.0f, 45, FixedAux::Config{dp, 0.0f});
+    compare<SoftmaxOverSelected, float, FixedAux>(300, E, 4, Input::random, false, 1.0f, 46,
+                                                  FixedAux::Config{dp, 1e-3f});
+  }
+}
+
+TEST_CASE("cuda: built-in balancers through Router (host statistics path) follow the CPU over steps") {
+  if (!cuda_ready()) return;
+  const index_t T = 2048, E = 64, k = 8;
+  RouterConfig cfg;
+  cfg.num_experts = E;
+  cfg.top_k = k;
+  using Bal = Balancers<PhiBalancing<Entropy>, LossFree<>, ZLoss>;
+  Router<TopK<8>, Bal, ReferenceBackend> ref(cfg);
+  Router<TopK<8>, Bal, CudaBackend> gpu(cfg);
+  DevRouting dr(T, E, k);
+  RoutingBuffers rb;
+  for (int step = 0; step < 4; ++step) {
+    CAPTURE(step);
+    auto z = make_input(Input::random, T, E, 50 + step);
+    for (index_t t = 0; t < T; ++t) z[std::size_t(t * E + (t % 5))] += 3.0f;  // skewed load
+    RoutingView rv = ref.make_output(rb, T);
+    ref.route(MatrixView<const float>(z.data(), T, E), rv);
+    Dev<float> dx(z);
+    RoutingView gv = dr.view();
+    gpu.route(MatrixView<const float>(dx.p, T, E), gv);
+    CHECK(dr.ids.download() == std::vector<std::int32_t>(rv.ids.begin(), rv.ids.end()));
+    CHECK(close(gv.aux_loss, rv.aux_loss, 1e-6f, 1e-12f));
+    std::vector<float> dg(std::size_t(T * k), 0.25f), dz_ref(std::size_t(T * E));
+    ref.backward(MatrixView<const float>(z.data(), T, E), rv, MatrixView<const float>(dg.data(), T, k),
+                 MatrixView<float>(dz_ref.data(), T, E));
+    Dev<float> ddg(dg), ddz(std::size_t(T * E));
+    gpu.backward(MatrixView<const float>(dx.p, T, E), gv, MatrixView<const float>(ddg.p, T, k),
+                 MatrixView<float>(ddz.p, T, E));
+    const auto dz = ddz.download();
+    int bad = 0;
+    for (std::size_t i = 0; i < dz.size(); ++i) bad += !close(dz[i], dz_ref[i], 1e-6f, 1e-6f);
+    CHECK(bad == 0);
+    ref.step();
+    gpu.step();
+  }
+}
+
+TEST_CASE("cuda: non-finite logits are reported like on the CPU; NaN as -inf routes like the CPU") {
+  if (!cuda_ready()) return;
+  const index_t T = 64, E = 100, k = 4;
+  auto z = make_input(Input::random, T, E, 61);
+  z[std::size_t(37 * E + 5)] = NAN;
+  z[std::size_t(40 * E + 2)] = INFINITY;
+  Dev<float> dx(z);
+  DevRouting dr(T, E, k);
+  RouterConfig cfg;
+  cfg.num_experts = E;
+  cfg.top_k = k;
+  Router<TopKRuntime, NoBalancing, CudaBackend> gpu(cfg);
+  RoutingView gv = dr.view();
+  gpu.route(MatrixView<const float>(dx.p, T, E), gv);
+  try {
+    gpu.engine().check_errors(MatrixView<const float>(dx.p, T, E));
+    FAIL("no error reported");
+  } catch (const non_finite_error& e) {
+    CHECK(e.token() == 37);
+    CHECK(e.expert() == 5);
+  }
+  gpu.engine().check_errors(MatrixView<const float>(dx.p, T, E));  // cleared: no throw
+
+  z[std::size_t(40 * E + 2)] = 1.0f;
+  for (index_t e = 0; e < E; ++e) z[std::size_t(50 * E + e)] = e < E - 1 ? NAN : -3.0f;
+  dx.upload(z);
+  cfg.non_finite = NonFinite::nan_as_neg_inf;
+  Router<TopKRuntime, NoBalancing, CudaBackend> g2(cfg);
+  Router<TopKRuntime, NoBalancing, ReferenceBackend> ref(cfg);
+  g2.route(MatrixView<const float>(dx.p, T, E), gv);
+  g2.engine().check_errors(MatrixView<const float>(dx.p, T, E));
+  RoutingBuffers rb;
+  RoutingView rv = ref.make_output(rb, T);
+  ref.route(MatrixView<const float>(z.data(), T, E), rv);
+  CHECK(dr.ids.download() == std::vector<std::int32_t>(rv.ids.begin(), rv.ids.end()));
+
+  // a token with only NaN logits is an error under nan_as_neg_inf too
+  for (index_t e = 0; e < E; ++e) z[std::size_t(9 * E + e)] = NAN;
+  dx.upload(z);
+  g2.route(MatrixView<const float>(dx.p, T, E), gv);
+  CHECK_THROWS_AS(g2.engine().check_errors(MatrixView<const float>(dx.p, T, E)), invalid_argument);
+}
+
+TEST_CASE("cuda: route + backward captured in a CUDA graph, replayed on new logits") {
+  if (!cuda_ready()) return;
+  const index_t T = 4096, E = 256, k = 8;
+  RouterConfig cfg;
+  cfg.num_experts = E;
+  cfg.top_k = k;
+  cfg.renormalize = true;
+  Router<TopK<8>, NoBalancing, CudaBackend> gpu(cfg);
+  Router<TopK<8>, NoBalancing, ReferenceBackend> ref(cfg);
+  cudaStream_t s;
+  MOEROUTE_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  gpu.engine().set_stream(s);
+  gpu.engine().reserve(T, E);
+  Dev<float> dx(std::size_t(T * E)), ddg(std::size_t(T * k)), ddz(std::size_t(T * E));
+  DevRouting dr(T, E, k);
+  RoutingView gv = dr.view();
+  const MatrixView<const float> xv(dx.p, T, E);
+
+  cudaGraph_t graph;
+  MOEROUTE_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+  gpu.route(xv, gv);
+  gpu.backward(xv, gv, MatrixView<const float>(ddg.p, T, k), MatrixView<float>(ddz.p, T, E));
+  gpu.step();
+  MOEROUTE_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
+  cudaGraphExec_t exec;
+  MOEROUTE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+
+  for (unsigned rep = 0; rep < 2; ++rep) {
+    const auto z = make_input(Input::random, T, E, 70 + rep);
+    std::vector<float> dg(std::size_t(T * k));
+    for (std::size_t i = 0; i < dg.size(); ++i) dg[i] = float(int(i % 7) - 3) * 0.5f;
+    dx.upload(z);
+    ddg.upload(dg);
+    MOEROUTE_CUDA_CHECK(cudaGraphLaunch(exec, s));
+    MOEROUTE_CUDA_CHECK(cudaStreamSynchronize(s));
+    RoutingBuffers rb;
+    RoutingView rv = ref.make_output(rb, T);
+    ref.route(MatrixView<const float>(z.data(), T, E), rv);
+    std::vector<float> dz_ref(std::size_t(T * E));
+    ref.backward(MatrixView<const float>(z.data(), T, E), rv, MatrixView<const float>(dg.data(), T, k),
+                 MatrixView<float>(dz_ref.data(), T, E));
+    CHECK(dr.ids.download() == std::vector<std::int32_t>(rv.ids.begin(), rv.ids.end()));
+    CHECK(dr.counts.download() == std::vector<std::int64_t>(rv.counts.begin(), rv.counts.end()));
+    const auto dz = ddz.download();
+    int bad = 0;
+    for (std::size_t i = 0; i < dz.size(); ++i) bad += !close(dz[i], dz_ref[i], 1e-6f, 1e-6f);
+    CHECK(bad == 0);
+  }
+  MOEROUTE_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  MOEROUTE_CUDA_CHECK(cudaGraphDestroy(graph));
+  MOEROUTE_CUDA_CHECK(cudaStreamDestroy(s));
+}
+
+TEST_CASE("cuda: a CUDA error is reported with its call site") {
+  if (!cuda_ready()) return;
+  try {
+    MOEROUTE_CUDA_CHECK(cudaMemcpy(nullptr, reinterpret_cast<void*>(16), 4, cudaMemcpyDeviceToHost));
+    FAIL("no error");
+  } catch (const cuda_error& e) {
+    CHECK(std::string(e.what()).find("test_cuda_backend.cu") != std::string::npos);
+  }
+}
