@@ -52,11 +52,14 @@ TrainOptions tiny_options() {
 
 }  // namespace
 
-TEST_CASE("train_moe: the model's backward matches central finite differences of the loss") {
+using TopKRouter = moeroute::Router<moeroute::TopK<moeroute::runtime_k>, moeroute::NoBalancing>;
+using ExpertChoiceRouter = moeroute::Router<moeroute::ExpertChoice, moeroute::NoBalancing>;
+
+TEST_CASE_TEMPLATE("train_moe: the model's backward matches central finite differences of the loss", R, TopKRouter,
+                   ExpertChoiceRouter) {
   const Corpus corpus = synthetic_corpus(4000);
   ModelConfig mc = tiny_options().model;
   mc.capacity_factor = 8.0f;  // no drops: a perturbation must not change which assignments are kept
-  using R = moeroute::Router<moeroute::TopK<moeroute::runtime_k>, moeroute::NoBalancing>;
   Model<R> model(mc, {}, 5);
   std::mt19937_64 rng(3);
   const Batch b = corpus.train_batch(24, mc.context, rng);

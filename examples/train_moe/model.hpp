@@ -14,6 +14,7 @@
 #pragma once
 
 #include <Eigen/Dense>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <memory>
@@ -93,8 +94,8 @@ inline void rms_backward_add(const Mat& u, const RowVec& inv, const Mat& du, Mat
 /// Per-batch load statistics of one MoE layer.
 struct LayerStats {
   std::vector<std::int64_t> counts;  ///< assignments per expert chosen by the router (before capacity)
-  std::int64_t dropped = 0;          ///< assignments over capacity
-  std::int64_t assignments = 0;
+  std::int64_t dropped = 0;          ///< assignments over capacity (expert choice: tokens no expert took)
+  std::int64_t assignments = 0;      ///< assignments (expert choice: tokens)
   float aux_loss = 0.0f;
 };
 
@@ -107,7 +108,7 @@ class MoeLayer {
 
   MoeLayer(const ModelConfig& c, const typename RouterT::balancer_type::Config& balancing, std::mt19937_64& rng)
       : c_(c),
-        router_(moeroute::RouterConfig{.num_experts = c.experts, .top_k = c.top_k, .renormalize = true}, balancing),
+        router_(router_config(c), balancing),
         plan_(moeroute::DispatchConfig{.drop = moeroute::DropPolicy::position,
                                        .capacity_factor = double(c.capacity_factor)}) {
     wr.init(c.d, c.experts, 1.0f / std::sqrt(float(c.d)), rng, true);
@@ -124,7 +125,34 @@ class MoeLayer {
     }
   }
 
+  /// Token choice: top-k with renormalised gates. Expert choice: each expert takes
+  /// C = ceil(k · T / E) tokens, the compute of top-k routing.
+  static moeroute::RouterConfig router_config(const ModelConfig& c) {
+    moeroute::RouterConfig r;
+    r.num_experts = c.experts;
+    if constexpr (RouterT::choice == moeroute::ChoiceKind::token) {
+      r.top_k = c.top_k;
+      r.renormalize = true;
+    } else {
+      r.capacity_factor = float(c.top_k);
+    }
+    return r;
+  }
+
   RouterT& router() { return router_; }
+  /// Calls f(token, expert) for every assignment the router made (before capacity).
+  template <class F>
+  void for_each_assignment(F&& f) const {
+    const int slots = int(routing_.slots);
+    if (routing_.kind == moeroute::ChoiceKind::token) {
+      for (int t = 0; t < int(routing_.tokens); ++t)
+        for (int j = 0; j < slots; ++j) f(t, int(routing_.ids[std::size_t(t * slots + j)]));
+    } else {
+      for (int e = 0; e < int(routing_.experts); ++e)
+        for (int c = 0; c < slots; ++c)
+          if (const int t = routing_.ids[std::size_t(e * slots + c)]; t >= 0) f(t, e);
+    }
+  }
   const moeroute::RoutingView& routing() const { return routing_; }
   /// The router's weight W_r [d, E] (logits = rms(x) · W_r).
   Param wr;
@@ -152,8 +180,15 @@ class MoeLayer {
     plan_.build(routing_);
     const int rows = int(plan_.rows());
     stats.counts.assign(plan_.counts().begin(), plan_.counts().end());
-    stats.dropped = plan_.num_dropped();
-    stats.assignments = plan_.assignments();
+    if constexpr (RouterT::choice == moeroute::ChoiceKind::token) {
+      stats.dropped = plan_.num_dropped();
+      stats.assignments = plan_.assignments();
+    } else {  // expert choice drops no assignment; report the tokens no expert took
+      covered_.assign(std::size_t(T), 0);
+      for_each_assignment([&](int t, int) { covered_[std::size_t(t)] = 1; });
+      stats.dropped = std::count(covered_.begin(), covered_.end(), 0);
+      stats.assignments = T;
+    }
     stats.aux_loss = routing_.aux_loss;
     bx_.resize(rows, c_.d);
     plan_.gather(view(u_), view(bx_));
@@ -176,10 +211,10 @@ class MoeLayer {
 
   /// From ∂L/∂y to ∂L/∂x (written), accumulating parameter gradients.
   void backward(const Mat& dy, Mat& dx) {
-    const int T = int(dy.rows()), E = c_.experts, k = c_.top_k;
+    const int T = int(dy.rows()), E = c_.experts;
     const int rows = int(plan_.rows());
     dby_.resize(rows, c_.d);
-    dgates_.resize(T, k);  // dropped assignments get a zero gate gradient
+    dgates_.resize(routing_.rows(), routing_.slots);  // dropped assignments get a zero gate gradient
     plan_.combine_backward(view(dy), view(by_), moeroute::MatrixView<const float>(routing_.gate_matrix()), view(dby_),
                            view(dgates_));
     dbx_.resize(rows, c_.d);
@@ -225,6 +260,7 @@ class MoeLayer {
   moeroute::DispatchPlan plan_;
   Mat u_, logits_, bx_, ba_, bh_, by_, dby_, dbx_, dh_, du_, dgates_, dlogits_;
   RowVec inv_;
+  std::vector<std::uint8_t> covered_;
 };
 
 /// The language model: embeddings, `layers` MoE layers, output softmax over 256 bytes.

@@ -11,6 +11,9 @@
 #include <moeroute/balancing/switch_aux.hpp>
 #include <moeroute/balancing/zloss.hpp>
 #include <moeroute/potentials.hpp>
+#include <moeroute/scoring.hpp>
+#include <moeroute/selection/expert_choice.hpp>
+#include <moeroute/selection/topk.hpp>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -26,25 +29,32 @@ struct Hyper {
   float simbal_lambda = 1e-2f;  ///< SimBal's λ
 };
 
-// Each policy: a name for the command line, a balancer type, its config from Hyper, and
-// whether it reads `decay` (so a decay sweep runs it once per value).
+// Each policy: a name for the command line, a selection and a scoring policy, a balancer type,
+// its config from Hyper, and whether it reads `decay` (so a decay sweep runs it once per value).
+
+/// Token choice (top-k, k from the model config) on softmax scores: the routing of every
+/// policy that does not say otherwise.
+struct TokenChoiceSoftmax {
+  using selection = moeroute::TopK<moeroute::runtime_k>;
+  using scoring = moeroute::Softmax;
+};
 
 /// No balancing.
-struct PolicyNone {
+struct PolicyNone : TokenChoiceSoftmax {
   static constexpr const char* name = "none";
   using balancer = moeroute::NoBalancing;
   static constexpr bool uses_decay = false;
   static balancer::Config config(const Hyper&) { return {}; }
 };
 /// Switch/GShard auxiliary loss α·E·Σ f_e P_e over the batch.
-struct PolicySwitch {
+struct PolicySwitch : TokenChoiceSoftmax {
   static constexpr const char* name = "switch";
   using balancer = moeroute::SwitchAux;
   static constexpr bool uses_decay = false;
   static balancer::Config config(const Hyper& h) { return {.alpha = h.alpha}; }
 };
 /// DeepSeek's auxiliary-loss-free selection bias with the sign update.
-struct PolicyLossFree {
+struct PolicyLossFree : TokenChoiceSoftmax {
   static constexpr const char* name = "lossfree";
   using balancer = moeroute::LossFree<>;
   static constexpr bool uses_decay = false;
@@ -52,7 +62,7 @@ struct PolicyLossFree {
 };
 /// φ-balancing with potential `Pot`.
 template <class Pot, const char* Name>
-struct PolicyPhi {
+struct PolicyPhi : TokenChoiceSoftmax {
   static constexpr const char* name = Name;
   using balancer = moeroute::PhiBalancing<Pot>;
   static constexpr bool uses_decay = true;
@@ -70,14 +80,14 @@ using PolicyPhiEntropy = PolicyPhi<moeroute::Entropy, phi_entropy_name>;
 using PolicyPhiSquared = PolicyPhi<moeroute::Squared, phi_squared_name>;
 using PolicyPhiPower3 = PolicyPhi<moeroute::Power<3.0>, phi_power3_name>;
 /// SimBal: the orthogonality regulariser λ‖W_rᵀW_r − I‖₁ on the router weight.
-struct PolicySimBal {
+struct PolicySimBal : TokenChoiceSoftmax {
   static constexpr const char* name = "simbal";
   using balancer = moeroute::SimBal;
   static constexpr bool uses_decay = false;
   static balancer::Config config(const Hyper& h) { return {.lambda = h.simbal_lambda}; }
 };
 /// A composition: φ-balancing with Entropy plus the router z-loss.
-struct PolicyPhiEntropyZ {
+struct PolicyPhiEntropyZ : TokenChoiceSoftmax {
   static constexpr const char* name = "phi-entropy+z";
   using balancer = moeroute::Balancers<moeroute::PhiBalancing<moeroute::Entropy>, moeroute::ZLoss>;
   static constexpr bool uses_decay = true;
@@ -89,7 +99,7 @@ struct PolicyPhiEntropyZ {
   }
 };
 /// Sinkhorn-normalised selection in training (plain top-k in evaluation).
-struct PolicySinkhorn {
+struct PolicySinkhorn : TokenChoiceSoftmax {
   static constexpr const char* name = "sinkhorn";
   using balancer = moeroute::Sinkhorn;
   static constexpr bool uses_decay = false;
@@ -100,9 +110,30 @@ struct PolicySinkhorn {
   }
 };
 
+/// Expert choice (experts take their top C = ceil(k · T / E) tokens of the batch: the compute of
+/// top-k routing), no balancer: balanced by construction; a token may get no expert.
+struct PolicyExpertChoice {
+  static constexpr const char* name = "expert-choice";
+  using selection = moeroute::ExpertChoice;
+  using scoring = moeroute::Softmax;
+  using balancer = moeroute::NoBalancing;
+  static constexpr bool uses_decay = false;
+  static balancer::Config config(const Hyper&) { return {}; }
+};
+/// √softplus scores (element-wise, renormalised over the top-k) with the Loss-Free bias.
+struct PolicySqrtSoftplusLossFree {
+  static constexpr const char* name = "sqrtsoftplus+lossfree";
+  using selection = moeroute::TopK<moeroute::runtime_k>;
+  using scoring = moeroute::SqrtSoftplus;
+  using balancer = moeroute::LossFree<>;
+  static constexpr bool uses_decay = false;
+  static balancer::Config config(const Hyper& h) { return {.update_rate = h.update_rate}; }
+};
+
 /// The policies compiled into the experiment, in the order of the default run.
-using AllPolicies = std::tuple<PolicyNone, PolicySwitch, PolicyLossFree, PolicyPhiEntropy, PolicyPhiSquared,
-                               PolicyPhiPower3, PolicySimBal, PolicyPhiEntropyZ, PolicySinkhorn>;
+using AllPolicies =
+    std::tuple<PolicyNone, PolicySwitch, PolicyLossFree, PolicyPhiEntropy, PolicyPhiSquared, PolicyPhiPower3,
+               PolicySimBal, PolicyPhiEntropyZ, PolicySinkhorn, PolicyExpertChoice, PolicySqrtSoftplusLossFree>;
 
 /// Names of every compiled policy, in order.
 inline std::vector<std::string> policy_names() {

@@ -85,13 +85,10 @@ EvalResult evaluate(Model<RouterT>& model, const Batch& data, int batch, int dom
       const LayerStats& s = model.stats()[std::size_t(l)];
       dropped += double(s.dropped);
       assignments += double(s.assignments);
-      const auto& ids = model.layers()[std::size_t(l)]->routing().ids;
-      for (int t = 0; t < T; ++t)
-        for (int j = 0; j < c.top_k; ++j) {
-          const int e = ids[std::size_t(t * c.top_k + j)];
-          ++r.loads[std::size_t(l)][std::size_t(e)];
-          joint[std::size_t(l)][std::size_t(b.domain[std::size_t(t)] * c.experts + e)] += 1.0;
-        }
+      model.layers()[std::size_t(l)]->for_each_assignment([&](int t, int e) {
+        ++r.loads[std::size_t(l)][std::size_t(e)];
+        ++joint[std::size_t(l)][std::size_t(b.domain[std::size_t(t)] * c.experts + e)];
+      });
     }
   }
   model.set_training(true);
@@ -131,7 +128,8 @@ inline float learning_rate(const TrainOptions& o, int step) {
 template <class Policy>
 RunResult train_run(const Corpus& corpus, const TrainOptions& o, const std::string& run_name,
                     const std::function<void(const std::string&)>& progress) {
-  using RouterT = moeroute::Router<moeroute::TopK<moeroute::runtime_k>, typename Policy::balancer>;
+  using RouterT = moeroute::Router<typename Policy::selection, typename Policy::balancer, moeroute::ReferenceBackend,
+                                   typename Policy::scoring>;
   const auto t0 = std::chrono::steady_clock::now();
   RunResult res;
   res.name = run_name;
