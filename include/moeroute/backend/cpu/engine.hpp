@@ -51,7 +51,7 @@ inline index_t padded(index_t n) noexcept { return (n + W - 1) / W * W + W; }
 /// with the current k-th key at once and only lanes above it are inserted. Visiting experts
 /// in increasing index with a strict comparison gives ties to the lower index, as the
 /// reference does. `key` must be readable (and -inf) up to a whole register past n.
-inline void topk_row(const float* key, index_t n, index_t k, std::int32_t* ids) noexcept {
+inline void topk_insertion(const float* key, index_t n, index_t k, std::int32_t* ids) noexcept {
   float val[max_top_k];
   std::int32_t idx[max_top_k];
   for (index_t e = 0; e < k; ++e) {
@@ -93,6 +93,65 @@ inline void topk_row(const float* key, index_t n, index_t k, std::int32_t* ids) 
   for (index_t j = 0; j < k; ++j) ids[j] = idx[j];
 }
 
+#if MOEROUTE_CPU_SIMD
+/// Candidates the ranking step takes at most; rows with more (heavy ties) use the insertion
+/// path.
+inline constexpr index_t topk_max_candidates = 64;
+
+/// Top-k by a provable lower bound, for k <= W: the lane-wise maxima over all registers are W
+/// distinct keys, so their k-th largest, θ, is at most the row's k-th largest key and every
+/// key of the top k is >= θ. The keys >= θ (typically little more than k) are compressed
+/// into a candidate list, and each candidate's rank in the order (descending key, ascending
+/// index) is counted with vector compares: no data-dependent branches but the loop over
+/// candidates. Returns false (and writes nothing) when there are too many candidates.
+inline bool topk_bounded(const float* key, index_t n, index_t k, std::int32_t* ids) noexcept {
+  const index_t full = vec_end(n);
+  vf vmax = vf::load_unaligned(key);
+  for (index_t b = W; b < full; b += W) vmax = xsimd::max(vmax, vf::load_unaligned(key + b));
+  if (full < n) vmax = xsimd::max(vmax, vf::load_unaligned(key + full));  // padding is -inf
+  alignas(64) float lane[W];
+  vmax.store_aligned(lane);
+  float theta = INFINITY;            // k-th largest lane maximum: the smallest with fewer than k above it
+  for (index_t l = 0; l < W; ++l) {  // branch-free: a select, not a jump
+    const bool in_top = std::popcount(movemask(vmax > vf(lane[l]))) < int(k);
+    theta = std::min(theta, in_top ? lane[l] : INFINITY);
+  }
+  alignas(64) float cv[topk_max_candidates + 2 * W];
+  alignas(64) std::int32_t ci[topk_max_candidates + 2 * W];
+  index_t c = 0;
+  const vf vt(theta);
+  for (index_t b = 0; b < n; b += W) {
+    const vf kb = vf::load_unaligned(key + b);
+    std::uint32_t m = movemask(kb >= vt);
+    if (b + W > n) m &= (1u << (n - b)) - 1u;  // lanes past the row
+    c += compress(kb, m, std::int32_t(b), cv + c, ci + c);
+    if (c > topk_max_candidates) return false;
+  }
+  for (index_t j = c; j < c + W; ++j) {  // pad the last register: never before anything
+    cv[j] = -INFINITY;
+    ci[j] = std::numeric_limits<std::int32_t>::max();
+  }
+  std::int32_t out[max_top_k + 1];  // out[k] takes every candidate ranked k or later
+  for (index_t j = 0; j < c; ++j) {
+    int rank = 0;
+    for (index_t b = 0; b < c; b += W) rank += std::popcount(before_mask(cv + b, ci + b, cv[j], ci[j]));
+    out[std::min(rank, int(k))] = ci[j];
+  }
+  for (index_t j = 0; j < k; ++j) ids[j] = out[j];
+  return true;
+}
+#endif
+
+/// Top-k of one row of keys: descending key, ties to the lower expert index, exactly as the
+/// reference's k passes of strict comparisons. `key` must be readable (and -inf) up to a
+/// whole register past n.
+inline void topk_row(const float* key, index_t n, index_t k, std::int32_t* ids) noexcept {
+#if MOEROUTE_CPU_SIMD
+  if (k <= W && n >= 2 * W && topk_bounded(key, n, k, ids)) return;
+#endif
+  topk_insertion(key, n, k, ids);
+}
+
 /// Per-thread row scratch (each work item uses it from start to end on one thread).
 struct RowScratch {
   std::vector<float> z, s, p, key, ds, dp, gkey;
@@ -112,19 +171,19 @@ inline RowScratch& row_scratch() {
 }
 
 /// Scores s, balancing distribution p (may alias s) and the logsumexp of a row whose fp32
-/// logits are in z (max m). Returns lse; sets *pout to p.
+/// logits are in z (max m). Returns lse; sets *pout to p; adds p to `acc` (fp64) if not null.
 template <ScoringPolicy Sc>
-inline float score_row(const float* z, index_t E, float m, RowScratch& r, const float** pout) {
+inline float score_row(const float* z, index_t E, float m, RowScratch& r, const float** pout, double* acc) {
   float* s = r.s.data();
   float* p = r.p.data();
   if constexpr (Sc::form == ScoreForm::softmax) {
     const float fsum = float(exp_sum(z, E, m, s));
-    scale(s, E, 1.0f / fsum);
+    scale(s, E, 1.0f / fsum, acc);
     *pout = s;
     return m + log_f32(fsum);
   } else if constexpr (Sc::form == ScoreForm::softmax_selected) {
     const float fsum = float(exp_sum(z, E, m, p));
-    scale(p, E, 1.0f / fsum);
+    scale(p, E, 1.0f / fsum, acc);
     *pout = p;
     return m + log_f32(fsum);
   } else {
@@ -134,6 +193,7 @@ inline float score_row(const float* z, index_t E, float m, RowScratch& r, const 
       for (index_t i = 0; i < E; ++i) s[i] = Sc::score(z[i]);
     const float denom = float(canonical_sum_simd(s, E)) + normalize_epsilon;
     divide(s, E, denom, p);
+    if (acc) accumulate_f64(acc, p, E);
     *pout = p;
     return m + log_f32(float(exp_sum(z, E, m, r.ds.data())));
   }
@@ -300,9 +360,8 @@ class CpuEngine {
           return;
         }
         const float* p = nullptr;
-        const float lse = cpu::score_row<Sc>(z, E, m, r, &p);
+        const float lse = cpu::score_row<Sc>(z, E, m, r, &p, acc);
         lse_sq += double(lse) * lse;
-        cpu::accumulate_f64(acc, p, E);
         // the selection key and the scores the gates are taken from
         const float* s = Sc::form == ScoreForm::softmax_selected ? z : r.s.data();
         const float* key = s;
@@ -390,7 +449,7 @@ class CpuEngine {
         float* z = r.z.data();
         const float m = cpu::load_row(x.row_ptr(t), E, c.non_finite, z, bad);
         const float* p = nullptr;
-        const float lse = cpu::score_row<Sc>(z, E, m, r, &p);
+        const float lse = cpu::score_row<Sc>(z, E, m, r, &p, nullptr);
         const float* s = r.s.data();
         float* ds = r.ds.data();
         float* dzr = dz.row_ptr(t);

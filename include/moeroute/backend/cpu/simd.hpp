@@ -12,6 +12,7 @@
 #pragma once
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -19,6 +20,7 @@
 
 #include "../../core.hpp"
 #include "../../detail/math.hpp"
+#include "../../routing.hpp"
 
 #if (defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))) && __has_include(<xsimd/xsimd.hpp>)
 #define MOEROUTE_CPU_HAVE_XSIMD 1
@@ -74,6 +76,9 @@ inline vf fma(vf a, vf b, vf c) noexcept {
 inline xsimd::batch_bool<float, simd_arch> isnan(vf x) noexcept { return !(x == x); }
 
 /// exp_f32 on every lane, with the scalar function's exact operation sequence.
+/// NonPositive: the caller guarantees x <= 0 or x = -inf (a max-subtracted logit), which
+/// skips the overflow and NaN lanes' fix-up; the results are the same.
+template <bool NonPositive = false>
 inline vf exp(vf x) noexcept {
   namespace c = exp_constants;
   const vf n = xsimd::nearbyint(x * vf(c::log2e));
@@ -93,6 +98,7 @@ inline vf exp(vf x) noexcept {
   const vf s2 = xsimd::bitwise_cast<vf>(((ni - h) + vi(127)) << 23);
   vf out = (y * s1) * s2;
   out = xsimd::select(x < vf(c::underflow), vf(0.0f), out);
+  if constexpr (NonPositive) return out;  // x <= 0 or -inf: no overflow, no NaN
   const vf big = xsimd::select(cpu::isnan(x), x, vf(INFINITY));
   return xsimd::select(x < vf(c::overflow), out, big);
 }
@@ -157,6 +163,49 @@ inline void add_f64(double* acc, vf x) noexcept {
   const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(x.data, 1));
   _mm256_storeu_pd(acc, _mm256_add_pd(_mm256_loadu_pd(acc), lo));
   _mm256_storeu_pd(acc + 4, _mm256_add_pd(_mm256_loadu_pd(acc + 4), hi));
+#endif
+}
+
+/// Bit j set where candidate j (value cv[j], index ci[j]) comes before (v, i) in the top-k
+/// order: a larger value, or an equal value and a lower index.
+inline std::uint32_t before_mask(const float* cv, const std::int32_t* ci, float v, std::int32_t i) noexcept {
+#if defined(__AVX512F__)
+  const __m512 a = _mm512_loadu_ps(cv), b = _mm512_set1_ps(v);
+  const __m512i ia = _mm512_loadu_si512(ci);
+  const __mmask16 gt = _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ);
+  const __mmask16 eq = _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ) & _mm512_cmplt_epi32_mask(ia, _mm512_set1_epi32(i));
+  return std::uint32_t(gt | eq);
+#else
+  const __m256 a = _mm256_loadu_ps(cv), b = _mm256_set1_ps(v);
+  const __m256i ia = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ci));
+  const __m256 gt = _mm256_cmp_ps(a, b, _CMP_GT_OQ);
+  const __m256 eq =
+      _mm256_and_ps(_mm256_cmp_ps(a, b, _CMP_EQ_OQ), _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(i), ia)));
+  return std::uint32_t(_mm256_movemask_ps(_mm256_or_ps(gt, eq)));
+#endif
+}
+
+/// Appends the lanes of `keys` (experts base..base+W) selected by `mask` to the candidate
+/// arrays, in index order; returns how many were appended.
+inline index_t compress(vf keys, std::uint32_t mask, std::int32_t base, float* cv, std::int32_t* ci) noexcept {
+#if defined(__AVX512F__)
+  const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(base),
+                                       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  // compress in registers, then a plain store (compress-to-memory is microcoded on some cores)
+  _mm512_storeu_ps(cv, _mm512_maskz_compress_ps(__mmask16(mask), keys.data));
+  _mm512_storeu_si512(ci, _mm512_maskz_compress_epi32(__mmask16(mask), idx));
+  return index_t(std::popcount(mask));
+#else
+  alignas(32) float lanes[W];
+  keys.store_aligned(lanes);
+  index_t c = 0;
+  while (mask) {
+    const int l = std::countr_zero(mask);
+    mask &= mask - 1;
+    cv[c] = lanes[l];
+    ci[c++] = base + l;
+  }
+  return c;
 #endif
 }
 
@@ -244,7 +293,7 @@ inline double exp_sum(const float* z, index_t n, float m, float* out) noexcept {
   CanonicalAcc acc;
   const vf vm(m);
   for (; i < end; i += W) {
-    const vf e = cpu::exp(vf::load_unaligned(z + i) - vm);
+    const vf e = cpu::exp<true>(vf::load_unaligned(z + i) - vm);
     e.store_unaligned(out + i);
     acc.add(e);
   }
@@ -286,8 +335,21 @@ inline double dot_f64(const float* a, const float* b, index_t n) noexcept {
   return combine_lanes(lanes);
 }
 
-/// x[i] *= c.
-inline void scale(float* x, index_t n, float c) noexcept {
+/// x[i] *= c, and acc[i] += double(x[i]) when acc is not null (one pass for the scores and
+/// the per-expert fp64 probability sums).
+inline void scale(float* x, index_t n, float c, double* acc = nullptr) noexcept {
+  if (acc) {
+    index_t i = 0;
+#if MOEROUTE_CPU_SIMD
+    for (; i < vec_end(n); i += W) {
+      const vf v = vf::load_unaligned(x + i) * vf(c);
+      v.store_unaligned(x + i);
+      add_f64(acc + i, v);
+    }
+#endif
+    for (; i < n; ++i) acc[i] += double(x[i] *= c);
+    return;
+  }
   index_t i = 0;
 #if MOEROUTE_CPU_SIMD
   for (; i < vec_end(n); i += W) (vf::load_unaligned(x + i) * vf(c)).store_unaligned(x + i);
