@@ -15,6 +15,7 @@
 
 #include <moeroute/balancing/switch_aux.hpp>
 #include <moeroute/router.hpp>
+#include <moeroute/selection/expert_choice.hpp>
 #include <moeroute/selection/topk.hpp>
 #include <string>
 #include <tuple>
@@ -157,6 +158,34 @@ TEST_CASE("torch: 16-bit logits are routed as their fp32 values and get a gradie
   CHECK(torch::equal(a.ids.to(torch::kInt64), ref.ids));
   CHECK(max_err(a.gates, ref.gates) <= 1e-5);
   CHECK(max_err(z.grad().to(torch::kFloat32), zf.grad().to(torch::kBFloat16).to(torch::kFloat32)) <= 1e-2);
+}
+
+TEST_CASE("torch: expert choice returns [E, C] token ids and gates with libtorch's gradient") {
+  torch::manual_seed(9);
+  const int64_t T = 40, E = 8;
+  mr::Router<mr::ExpertChoice> router({.num_experts = E, .scaling = 1.5f, .capacity_factor = 2.0f});
+  const int64_t C = router.slots(T);  // ceil(2 * 40 / 8) = 10
+  REQUIRE(C == 10);
+  const torch::Tensor z0 = torch::randn({T, E}) * 2.0, w = torch::randn({E, C});
+
+  const torch::Tensor z1 = z0.clone().requires_grad_(true);
+  moeroute_torch::Routed ours = moeroute_torch::route(router, z1);
+  (ours.gates * w).sum().backward();
+
+  // each expert takes its C highest-probability tokens, listed in ascending token order
+  const torch::Tensor z2 = z0.clone().requires_grad_(true);
+  const torch::Tensor pt = torch::softmax(z2, -1).t();  // [E, T]
+  const torch::Tensor chosen = std::get<1>(pt.topk(C, 1));
+  const torch::Tensor ids = std::get<0>(chosen.sort(1));
+  const torch::Tensor gates = pt.gather(1, ids) * 1.5;
+  (gates * w).sum().backward();
+
+  CHECK((ours.ids.sizes() == torch::IntArrayRef{E, C}));
+  CHECK(torch::equal(ours.ids.to(torch::kInt64), ids));
+  CHECK(torch::equal(ours.counts, torch::full({E}, C, torch::kInt64)));
+  CHECK(max_err(ours.gates, gates) <= 1e-5);
+  CHECK(max_err(z1.grad(), z2.grad()) <= 1e-5);
+  CHECK(z2.grad().abs().max().item<double>() > 1e-3);
 }
 
 TEST_CASE("torch: bad logits are a clear error naming the argument") {
