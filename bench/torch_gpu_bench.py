@@ -3,8 +3,8 @@
 
 The work (the forward of bench_cuda): softmax over E experts -> top-k -> gather the gate
 weights -> renormalise -> per-expert counts (bincount) and probability sums, for fp32 and
-bf16 logits [T, E], k = 8. Timed in PyTorch eager and torch.compile (mode="max-autotune-no-
-cudagraphs" is not used: the default mode), with CUDA events over back-to-back calls. The memory
+bf16 logits [T, E], k = 8. Timed in PyTorch eager and torch.compile (default mode), with CUDA
+events over back-to-back calls. The memory
 floor is the compulsory traffic (logits read once, ids + gates written once) divided by the
 device-to-device copy bandwidth measured here with torch.
 

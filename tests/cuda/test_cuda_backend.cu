@@ -456,3 +456,62 @@ TEST_CASE("cuda: a CUDA error is reported with its call site") {
     CHECK(std::string(e.what()).find("test_cuda_backend.cu") != std::string::npos);
   }
 }
+
+TEST_CASE("cuda: the usage snippet of docs/cuda.md") {
+  if (!cuda_ready()) return;
+  const index_t T = 1000, E = 256, k = 8, T_max = 4096;
+  cudaStream_t stream;
+  MOEROUTE_CUDA_CHECK(cudaStreamCreate(&stream));
+  std::vector<bfloat16> hx(std::size_t(T * E));
+  const auto z = make_input(Input::random, T, E, 91);
+  for (std::size_t i = 0; i < hx.size(); ++i) hx[i] = bfloat16(z[i]);
+  Dev<bfloat16> logits(hx);
+  Dev<std::int32_t> ids{std::size_t(T * k)};
+  Dev<float> gates{std::size_t(T * k)}, probs{std::size_t(E)}, gprobs{std::size_t(E)};
+  Dev<std::int64_t> counts{std::size_t(E)}, gcounts{std::size_t(E)};
+  Dev<float> grad_gates{std::size_t(T * k)}, grad_logits{std::size_t(T * E)};
+  Dev<std::int32_t> cnt{std::size_t(E)}, off{std::size_t(E + 1)}, ord{std::size_t(T * k)}, pos{std::size_t(T * k)};
+  bfloat16* d_logits = logits.p;
+  std::int32_t* d_ids = ids.p;
+  float *d_gates = gates.p, *d_probs = probs.p, *d_gprobs = gprobs.p;
+  std::int64_t *d_counts = counts.p, *d_gcounts = gcounts.p;
+  float *d_grad_gates = grad_gates.p, *d_grad_logits = grad_logits.p;
+  std::int32_t *d_cnt = cnt.p, *d_off = off.p, *d_order = ord.p, *d_pos = pos.p;
+
+  // ---- as printed in docs/cuda.md ----
+  RouterConfig cfg;
+  cfg.num_experts = 256;
+  cfg.renormalize = true;
+  Router<TopK<8>, NoBalancing, CudaBackend> router(cfg);
+  router.engine().set_stream(stream);   // your cudaStream_t (default: stream 0)
+  router.engine().reserve(T_max, 256);  // optional: allocate now (required before graph capture)
+
+  RoutingView out;  // device buffers you own
+  out.tokens = T;
+  out.experts = 256;
+  out.slots = 8;
+  out.ids = {d_ids, std::size_t(T * 8)};
+  out.gates = {d_gates, std::size_t(T * 8)};
+  out.counts = {d_counts, 256};
+  out.global_counts = {d_gcounts, 256};
+  out.prob_sums = {d_probs, 256};
+  out.global_prob_sums = {d_gprobs, 256};
+
+  router.route(MatrixView<const bfloat16>(d_logits, T, 256), out);
+  router.backward(MatrixView<const bfloat16>(d_logits, T, 256), out, MatrixView<const float>(d_grad_gates, T, 8),
+                  MatrixView<float>(d_grad_logits, T, 256));
+  router.step();
+  router.engine().check_errors(MatrixView<const bfloat16>(d_logits, T, 256));  // synchronises
+  router.engine().plan(out, CudaPlanView{{d_cnt, std::size_t(E)},
+                                         {d_off, std::size_t(E + 1)},
+                                         {d_order, std::size_t(T * k)},
+                                         {d_pos, std::size_t(T * k)}});
+  // ----
+  MOEROUTE_CUDA_CHECK(cudaStreamSynchronize(stream));
+  const auto c = counts.download();
+  std::int64_t total = 0;
+  for (auto v : c) total += v;
+  CHECK(total == T * k);
+  CHECK(off.download().back() == T * k);
+  MOEROUTE_CUDA_CHECK(cudaStreamDestroy(stream));
+}
