@@ -145,6 +145,23 @@ TEST_CASE("torch: evaluation mode has no aux loss and no aux gradient") {
   compare(router, Score::softmax, 32, 0.0, 1.0);  // reference without the aux term
 }
 
+TEST_CASE("torch: backward uses the training mode of its forward") {
+  torch::manual_seed(10);
+  mr::Router<mr::TopK<2>, mr::SwitchAux> router({.num_experts = 8, .renormalize = true}, {.alpha = 0.05f});
+  const torch::Tensor z0 = random_logits(48, 8), w = torch::randn({48, 2});
+  const auto grad = [&](bool switch_mode_before_backward) {
+    router.set_training(true);
+    const torch::Tensor z = z0.detach().clone().requires_grad_(true);
+    moeroute_torch::Routed r = moeroute_torch::route(router, z);
+    if (switch_mode_before_backward) router.set_training(false);
+    ((r.gates * w).sum() + r.aux_loss).backward();
+    return z.grad();
+  };
+  const torch::Tensor same_mode = grad(false), switched = grad(true);
+  CHECK(torch::equal(same_mode, switched));  // the aux gradient is still there
+  CHECK_FALSE(router.training());            // and the current mode is left as it was
+}
+
 TEST_CASE("torch: 16-bit logits are routed as their fp32 values and get a gradient of their dtype") {
   torch::manual_seed(7);
   mr::Router<mr::TopK<2>> router({.num_experts = 16, .renormalize = true});

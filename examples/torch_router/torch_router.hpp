@@ -25,9 +25,9 @@ struct Routed {
 /// router. Outputs: gates, ids, aux_loss, counts (see Routed).
 ///
 /// Backward returns ∂L/∂logits = (∂gates/∂logits)ᵀ·∂L/∂gates + (∂L/∂aux_loss)·∂aux/∂logits,
-/// computed by Router::backward from the statistics saved in forward; the router must
-/// outlive the graph, and no `router.step()` may come between the forward and its backward
-/// (step after the optimizer step, as usual).
+/// computed by Router::backward from the statistics saved in forward, in the training mode
+/// the forward ran in. The router must outlive the graph, and no `router.step()` may come
+/// between the forward and its backward (step after the optimizer step, as usual).
 template <class RouterT>
 class RouteFunction : public torch::autograd::Function<RouteFunction<RouterT>> {
  public:
@@ -61,6 +61,7 @@ class RouteFunction : public torch::autograd::Function<RouteFunction<RouterT>> {
     ctx->saved_data["global_lse_sq_sum"] = v.global_lse_sq_sum;
     ctx->saved_data["sequence_length"] = static_cast<std::int64_t>(v.sequence_length);
     ctx->saved_data["dtype"] = st;
+    ctx->saved_data["training"] = router->training();
 
     torch::Tensor aux = torch::full({}, v.aux_loss, host.dtype(torch::kFloat32));
     torch::Tensor local_counts = counts.narrow(0, 0, E).clone();
@@ -92,15 +93,19 @@ class RouteFunction : public torch::autograd::Function<RouteFunction<RouterT>> {
     const moeroute::MatrixView<float> dzv(dz.data_ptr<float>(), T, E);
 
     // Router::backward adds the aux gradient with weight 1 in training mode; any other
-    // weight is the task part (evaluation-mode backward) plus the scaled aux-only part.
-    if (aux_scale == 1.0f || !router->training()) {
+    // weight is the task part (evaluation-mode backward) plus the scaled aux-only part. The
+    // mode is the one the forward ran in, whatever the router's mode is now.
+    const bool trained = ctx->saved_data["training"].toBool();
+    if (trained && aux_scale == 1.0f) {
+      Mode mode(*router, true);
       router->backward(zv, v, gate_grad(gg), dzv);
     } else {
       {
-        TrainingOff off(*router);
+        Mode mode(*router, false);
         router->backward(zv, v, gate_grad(gg), dzv);
       }
-      if (aux_scale != 0.0f) {
+      if (trained && aux_scale != 0.0f) {
+        Mode mode(*router, true);
         const torch::Tensor zero = torch::zeros_like(gg);
         torch::Tensor daux = torch::empty({T, E}, torch::kFloat32);
         router->backward(zv, v, gate_grad(zero), moeroute::MatrixView<float>(daux.data_ptr<float>(), T, E));
@@ -112,13 +117,14 @@ class RouteFunction : public torch::autograd::Function<RouteFunction<RouterT>> {
   }
 
  private:
-  // Sets evaluation mode for one scope (the aux gradient is then left out of backward).
-  struct TrainingOff {
-    explicit TrainingOff(RouterT& r) : router(r) { router.set_training(false); }
-    ~TrainingOff() { router.set_training(true); }
-    TrainingOff(const TrainingOff&) = delete;
-    TrainingOff& operator=(const TrainingOff&) = delete;
+  // Sets the router's training mode for one scope and restores the previous one.
+  struct Mode {
+    Mode(RouterT& r, bool training) : router(r), previous(r.training()) { router.set_training(training); }
+    ~Mode() { router.set_training(previous); }
+    Mode(const Mode&) = delete;
+    Mode& operator=(const Mode&) = delete;
     RouterT& router;
+    bool previous;
   };
 
   static moeroute::RoutingView view_over(moeroute::index_t T, moeroute::index_t E, moeroute::index_t slots,
