@@ -106,16 +106,20 @@ inline constexpr index_t topk_max_candidates = 64;
 /// candidates. Returns false (and writes nothing) when there are too many candidates.
 inline bool topk_bounded(const float* key, index_t n, index_t k, std::int32_t* ids) noexcept {
   const index_t full = vec_end(n);
-  vf vmax = vf::load_unaligned(key);
-  for (index_t b = W; b < full; b += W) vmax = xsimd::max(vmax, vf::load_unaligned(key + b));
-  if (full < n) vmax = xsimd::max(vmax, vf::load_unaligned(key + full));  // padding is -inf
+  vf m0 = vf::load_unaligned(key), m1 = vf::load_unaligned(key + W);  // two chains of maxima
+  index_t b = 2 * W;
+  for (; b + W < full; b += 2 * W) {
+    m0 = xsimd::max(m0, vf::load_unaligned(key + b));
+    m1 = xsimd::max(m1, vf::load_unaligned(key + b + W));
+  }
+  for (; b < n; b += W) m0 = xsimd::max(m0, vf::load_unaligned(key + b));  // padding is -inf
+  const vf vmax = xsimd::max(m0, m1);
   alignas(64) float lane[W];
   vmax.store_aligned(lane);
-  float theta = INFINITY;            // k-th largest lane maximum: the smallest with fewer than k above it
-  for (index_t l = 0; l < W; ++l) {  // branch-free: a select, not a jump
-    const bool in_top = std::popcount(movemask(vmax > vf(lane[l]))) < int(k);
-    theta = std::min(theta, in_top ? lane[l] : INFINITY);
-  }
+  // θ = the k-th largest lane maximum = the smallest of the lanes with fewer than k above them
+  std::uint32_t top = 0;
+  for (index_t l = 0; l < W; ++l) top |= std::uint32_t(std::popcount(movemask(vmax > vf(lane[l]))) < int(k)) << l;
+  const float theta = masked_min(vmax, top);
   alignas(64) float cv[topk_max_candidates + 2 * W];
   alignas(64) std::int32_t ci[topk_max_candidates + 2 * W];
   index_t c = 0;
@@ -127,11 +131,18 @@ inline bool topk_bounded(const float* key, index_t n, index_t k, std::int32_t* i
     c += compress(kb, m, std::int32_t(b), cv + c, ci + c);
     if (c > topk_max_candidates) return false;
   }
+  std::int32_t out[max_top_k + 1];  // out[k] takes every candidate ranked k or later
+  if (c <= W) {                     // the usual case: rank against candidates held in registers
+    const CandidateRegs regs(cv, ci);
+    const std::uint32_t valid = std::uint32_t((std::uint64_t(1) << c) - 1u);
+    for (index_t j = 0; j < c; ++j) out[std::min(std::popcount(regs.before(cv[j], ci[j]) & valid), int(k))] = ci[j];
+    for (index_t j = 0; j < k; ++j) ids[j] = out[j];
+    return true;
+  }
   for (index_t j = c; j < c + W; ++j) {  // pad the last register: never before anything
     cv[j] = -INFINITY;
     ci[j] = std::numeric_limits<std::int32_t>::max();
   }
-  std::int32_t out[max_top_k + 1];  // out[k] takes every candidate ranked k or later
   for (index_t j = 0; j < c; ++j) {
     int rank = 0;
     for (index_t b = 0; b < c; b += W) rank += std::popcount(before_mask(cv + b, ci + b, cv[j], ci[j]));
@@ -173,19 +184,20 @@ inline RowScratch& row_scratch() {
 /// Scores s, balancing distribution p (may alias s) and the logsumexp of a row whose fp32
 /// logits are in z (max m). Returns lse; sets *pout to p; adds p to `acc` (fp64) if not null.
 template <ScoringPolicy Sc>
-inline float score_row(const float* z, index_t E, float m, RowScratch& r, const float** pout, double* acc) {
+inline float score_row(const float* z, index_t E, float m, RowScratch& r, const float** pout, double* acc,
+                       bool need_lse = true) {
   float* s = r.s.data();
   float* p = r.p.data();
   if constexpr (Sc::form == ScoreForm::softmax) {
     const float fsum = float(exp_sum(z, E, m, s));
     scale(s, E, 1.0f / fsum, acc);
     *pout = s;
-    return m + log_f32(fsum);
+    return need_lse ? m + log_f32(fsum) : 0.0f;
   } else if constexpr (Sc::form == ScoreForm::softmax_selected) {
     const float fsum = float(exp_sum(z, E, m, p));
     scale(p, E, 1.0f / fsum, acc);
     *pout = p;
-    return m + log_f32(fsum);
+    return need_lse ? m + log_f32(fsum) : 0.0f;
   } else {
     if constexpr (std::is_same_v<Sc, Sigmoid>)
       sigmoid(z, E, s);
@@ -195,7 +207,7 @@ inline float score_row(const float* z, index_t E, float m, RowScratch& r, const 
     divide(s, E, denom, p);
     if (acc) accumulate_f64(acc, p, E);
     *pout = p;
-    return m + log_f32(float(exp_sum(z, E, m, r.ds.data())));
+    return need_lse ? m + log_f32(float(exp_sum(z, E, m, r.ds.data()))) : 0.0f;
   }
 }
 
@@ -449,25 +461,42 @@ class CpuEngine {
         float* z = r.z.data();
         const float m = cpu::load_row(x.row_ptr(t), E, c.non_finite, z, bad);
         const float* p = nullptr;
-        const float lse = cpu::score_row<Sc>(z, E, m, r, &p, nullptr);
+        const float lse = cpu::score_row<Sc>(z, E, m, r, &p, nullptr, dlse != 0.0f);
         const float* s = r.s.data();
         float* ds = r.ds.data();
         float* dzr = dz.row_ptr(t);
         const std::int32_t* ids = rv.ids.data() + t * k;
         if constexpr (Sc::form == ScoreForm::softmax) {
-          if (dp)
-            std::copy(dp, dp + E, ds);
-          else
-            std::fill(ds, ds + E, 0.0f);
-          reference_gates_backward_row<Sc>(s, ids, k, c, dg.row_ptr(t), ds, dzr);
-          const float dot = float(cpu::dot_f64(s, ds, E));
-          index_t i = 0;
+          if (!dp) {
+            // ds is zero but at the k chosen experts: the reference's fp64 dot over all E
+            // equals the sequential sum of those k terms in expert order (adding 0 is exact)
+            std::int32_t sid[max_top_k];
+            std::copy(ids, ids + k, sid);
+            std::sort(sid, sid + k);
+            for (index_t j = 0; j < k; ++j) ds[sid[j]] = 0.0f;
+            reference_gates_backward_row<Sc>(s, ids, k, c, dg.row_ptr(t), ds, dzr);
+            double dot64 = 0.0;
+            for (index_t j = 0; j < k; ++j) dot64 += double(s[sid[j]]) * ds[sid[j]];
+            const float dot = float(dot64);
+            index_t i = 0;
 #if MOEROUTE_CPU_SIMD
-          for (; i < cpu::vec_end(E); i += cpu::W)
-            (cpu::vf::load_unaligned(s + i) * (cpu::vf::load_unaligned(ds + i) - cpu::vf(dot)))
-                .store_unaligned(dzr + i);
+            for (; i < cpu::vec_end(E); i += cpu::W)
+              (cpu::vf::load_unaligned(s + i) * (cpu::vf(0.0f) - cpu::vf(dot))).store_unaligned(dzr + i);
 #endif
-          for (; i < E; ++i) dzr[i] = s[i] * (ds[i] - dot);
+            for (; i < E; ++i) dzr[i] = s[i] * (0.0f - dot);
+            for (index_t j = 0; j < k; ++j) dzr[sid[j]] = s[sid[j]] * (ds[sid[j]] - dot);
+          } else {
+            std::copy(dp, dp + E, ds);
+            reference_gates_backward_row<Sc>(s, ids, k, c, dg.row_ptr(t), ds, dzr);
+            const float dot = float(cpu::dot_f64(s, ds, E));
+            index_t i = 0;
+#if MOEROUTE_CPU_SIMD
+            for (; i < cpu::vec_end(E); i += cpu::W)
+              (cpu::vf::load_unaligned(s + i) * (cpu::vf::load_unaligned(ds + i) - cpu::vf(dot)))
+                  .store_unaligned(dzr + i);
+#endif
+            for (; i < E; ++i) dzr[i] = s[i] * (ds[i] - dot);
+          }
         } else if constexpr (Sc::form == ScoreForm::softmax_selected) {
           std::fill(dzr, dzr + E, 0.0f);
           reference_gates_backward_row<Sc>(z, ids, k, c, dg.row_ptr(t), ds, dzr);

@@ -166,6 +166,19 @@ inline void add_f64(double* acc, vf x) noexcept {
 #endif
 }
 
+/// The smallest lane of x among those set in mask (mask != 0).
+inline float masked_min(vf x, std::uint32_t mask) noexcept {
+#if defined(__AVX512F__)
+  return _mm512_mask_reduce_min_ps(__mmask16(mask), x.data);
+#else
+  alignas(32) float lanes[W];
+  x.store_aligned(lanes);
+  float m = INFINITY;
+  for (index_t l = 0; l < W; ++l) m = std::min(m, (mask >> l) & 1u ? lanes[l] : INFINITY);
+  return m;
+#endif
+}
+
 /// Bit j set where candidate j (value cv[j], index ci[j]) comes before (v, i) in the top-k
 /// order: a larger value, or an equal value and a lower index.
 inline std::uint32_t before_mask(const float* cv, const std::int32_t* ci, float v, std::int32_t i) noexcept {
@@ -184,6 +197,32 @@ inline std::uint32_t before_mask(const float* cv, const std::int32_t* ci, float 
   return std::uint32_t(_mm256_movemask_ps(_mm256_or_ps(gt, eq)));
 #endif
 }
+
+/// Candidate values and indices held in registers (up to W of them).
+struct CandidateRegs {
+#if defined(__AVX512F__)
+  __m512 v;
+  __m512i i;
+  CandidateRegs(const float* cv, const std::int32_t* ci) noexcept : v(_mm512_loadu_ps(cv)), i(_mm512_loadu_si512(ci)) {}
+  /// Bit j set where candidate j comes before (value, index).
+  [[nodiscard]] std::uint32_t before(float value, std::int32_t index) const noexcept {
+    const __m512 b = _mm512_set1_ps(value);
+    return std::uint32_t(_mm512_cmp_ps_mask(v, b, _CMP_GT_OQ) |
+                         (_mm512_cmp_ps_mask(v, b, _CMP_EQ_OQ) & _mm512_cmplt_epi32_mask(i, _mm512_set1_epi32(index))));
+  }
+#else
+  __m256 v;
+  __m256i i;
+  CandidateRegs(const float* cv, const std::int32_t* ci) noexcept
+      : v(_mm256_loadu_ps(cv)), i(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ci))) {}
+  [[nodiscard]] std::uint32_t before(float value, std::int32_t index) const noexcept {
+    const __m256 b = _mm256_set1_ps(value);
+    const __m256 eq = _mm256_and_ps(_mm256_cmp_ps(v, b, _CMP_EQ_OQ),
+                                    _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(index), i)));
+    return std::uint32_t(_mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps(v, b, _CMP_GT_OQ), eq)));
+  }
+#endif
+};
 
 /// Appends the lanes of `keys` (experts base..base+W) selected by `mask` to the candidate
 /// arrays, in index order; returns how many were appended.
