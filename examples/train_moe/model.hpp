@@ -20,7 +20,9 @@
 #include <memory>
 #include <moeroute/balancing/simbal.hpp>
 #include <moeroute/dispatch.hpp>
-#include <moeroute/moeroute.hpp>
+#include <moeroute/router.hpp>
+#include <moeroute/routing.hpp>
+#include <moeroute/selection/topk.hpp>
 #include <random>
 #include <type_traits>
 #include <vector>
