@@ -189,21 +189,23 @@ void write_outputs(const Cli& cli, const Corpus& corpus, const std::vector<RunRe
   fs::create_directories(cli.out);
   {
     std::ofstream f(fs::path(cli.out) / "steps.csv");
-    f << "run,policy,decay,step,loss,aux_loss,maxvio,gini,load_entropy,dropped,lr\n";
+    f << "run,policy,decay,step,loss,aux_loss,maxvio,gini,load_entropy,dropped,lr,soft_maxvio\n";
     for (const auto& r : runs)
       for (const auto& s : r.log)
         f << r.name << ',' << r.policy << ',' << r.decay << ',' << s.step << ',' << s.loss << ',' << s.aux << ','
-          << s.maxvio << ',' << s.gini << ',' << s.entropy << ',' << s.dropped << ',' << s.lr << '\n';
+          << s.maxvio << ',' << s.gini << ',' << s.entropy << ',' << s.dropped << ',' << s.lr << ',' << s.soft_maxvio
+          << '\n';
   }
   {
     std::ofstream f(fs::path(cli.out) / "summary.csv");
     f << "run,policy,decay,train_loss,heldout_loss,maxvio_global_heldout,maxvio_batch_training,gini_training,"
-         "load_entropy_heldout,dropped_training,dropped_heldout,specialisation_mi,expert_similarity,seconds\n";
+         "load_entropy_heldout,dropped_training,dropped_heldout,specialisation_mi,expert_similarity,soft_maxvio_"
+         "training,seconds\n";
     for (const auto& r : runs)
       f << r.name << ',' << r.policy << ',' << r.decay << ',' << r.train.loss << ',' << r.held_out.loss << ','
         << r.held_out.maxvio << ',' << r.maxvio_training << ',' << r.gini_training << ',' << r.held_out.entropy << ','
         << r.dropped_training << ',' << r.held_out.dropped << ',' << r.held_out.specialisation << ',' << r.similarity
-        << ',' << r.seconds << '\n';
+        << ',' << r.soft_maxvio_training << ',' << r.seconds << '\n';
   }
   {
     std::ofstream f(fs::path(cli.out) / "loads.csv");

@@ -99,6 +99,7 @@ struct LayerStats {
   std::int64_t dropped = 0;          ///< assignments over capacity (expert choice: tokens no expert took)
   std::int64_t assignments = 0;      ///< assignments (expert choice: tokens)
   float aux_loss = 0.0f;
+  double soft_max_vio = 0.0;  ///< (max − mean)/mean of the soft loads Σ_t p_{t,e} (what φ-balancing prices)
 };
 
 /// One residual MoE FFN layer routed by `RouterT` (a moeroute::Router). A SimBal balancer is
@@ -192,6 +193,11 @@ class MoeLayer {
       stats.assignments = T;
     }
     stats.aux_loss = routing_.aux_loss;
+    {
+      double total = 0.0, mx = 0.0;
+      for (float p : routing_.prob_sums) total += p, mx = std::max(mx, double(p));
+      stats.soft_max_vio = total > 0.0 ? (mx - total / E) / (total / E) : 0.0;
+    }
     bx_.resize(rows, c_.d);
     plan_.gather(view(u_), view(bx_));
     ba_.resize(rows, c_.hidden);

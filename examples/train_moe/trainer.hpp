@@ -34,6 +34,7 @@ struct TrainOptions {
 struct StepLog {
   int step = 0;
   double loss = 0, aux = 0, maxvio = 0, gini = 0, entropy = 0, dropped = 0, lr = 0;
+  double soft_maxvio = 0;  ///< MaxVio of the soft loads Σ_t p_{t,e} (hard counts: maxvio)
 };
 
 /// Evaluation of a model on a set of examples (evaluation mode: no aux loss, no update).
@@ -54,9 +55,10 @@ struct RunResult {
   float decay = 0;
   std::vector<StepLog> log;
   EvalResult train, held_out;
-  double gini_training = 0;     ///< mean over steps of the batch Gini
-  double maxvio_training = 0;   ///< mean over steps of the batch MaxVio
-  double dropped_training = 0;  ///< mean over steps of the dropped fraction
+  double gini_training = 0;         ///< mean over steps of the batch Gini
+  double maxvio_training = 0;       ///< mean over steps of the batch MaxVio
+  double soft_maxvio_training = 0;  ///< mean over steps of the batch MaxVio of the soft loads
+  double dropped_training = 0;      ///< mean over steps of the dropped fraction
   double similarity = 0;  ///< mean |cos| between the experts' router directions (columns of W_r), mean over layers
   double seconds = 0;
 };
@@ -155,6 +157,7 @@ RunResult train_run(const Corpus& corpus, const TrainOptions& o, const std::stri
       const moeroute::LoadStats st = moeroute::load_stats(ls.counts);
       s.aux += ls.aux_loss;
       s.maxvio += st.max_vio / L;
+      s.soft_maxvio += ls.soft_max_vio / L;
       s.gini += st.gini / L;
       s.entropy += st.entropy / L;
       s.dropped += double(ls.dropped) / double(std::max<std::int64_t>(1, ls.assignments)) / L;
@@ -179,6 +182,7 @@ RunResult train_run(const Corpus& corpus, const TrainOptions& o, const std::stri
   for (const StepLog& s : res.log) {
     res.gini_training += s.gini / double(res.log.size());
     res.maxvio_training += s.maxvio / double(res.log.size());
+    res.soft_maxvio_training += s.soft_maxvio / double(res.log.size());
     res.dropped_training += s.dropped / double(res.log.size());
   }
   for (auto& layer : model.layers())
