@@ -4,7 +4,8 @@
 usage: /usr/bin/python3 bench/plot.py bench_cpu.csv [out.png]
 
 One panel per logit type (fp32, bf16); forward of moeroute (1 and all threads), libtorch
-(1 and all threads), the naive router and the memory-read floor, and both backwards.
+(1 and all threads), the naive router and the memory-read floor, and both backwards. Also
+prints the whole CSV as a Markdown table (the README's benchmark table).
 """
 import csv
 import sys
@@ -13,6 +14,37 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+
+def markdown(rows):
+    """The CSV as a Markdown table: one line per case, ns per token and ratios."""
+    def get(case, pas, impl, th):
+        for r in rows:
+            if (r["T"], r["E"], r["k"], r["dtype"]) == case and r["pass"] == pas and r["impl"] == impl \
+                    and int(r["threads"]) == th:
+                return float(r["ns_per_token"])
+        return float("nan")
+
+    nt = max(int(r["threads"]) for r in rows)
+    cases = []
+    for r in rows:
+        c = (r["T"], r["E"], r["k"], r["dtype"])
+        if c not in cases:
+            cases.append(c)
+    head = ["T", "E", "k", "logits", "fwd 1 thr", f"fwd {nt} thr", "floor", "libtorch fwd 1 thr",
+            "naive fwd", "× libtorch", "× naive", "fwd / floor", f"{nt} thr speed-up", "bwd 1 thr",
+            "libtorch bwd 1 thr", "plan", "plan / fwd"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in cases:
+        f1, fn = get(c, "forward", "moeroute", 1), get(c, "forward", "moeroute", nt)
+        fl, tf = get(c, "floor", "read", 1), get(c, "forward", "libtorch", 1)
+        nv, b1 = get(c, "forward", "naive", 1), get(c, "backward", "moeroute", 1)
+        tb, pl = get(c, "backward", "libtorch", 1), get(c, "plan", "moeroute", 1)
+        vals = [f"{f1:.0f}", f"{fn:.0f}", f"{fl:.0f}", f"{tf:.0f}", f"{nv:.0f}", f"{tf / f1:.1f}",
+                f"{nv / f1:.1f}", f"{f1 / fl:.1f}", f"{f1 / fn:.2f}", f"{b1:.0f}", f"{tb:.0f}", f"{pl:.0f}",
+                f"{pl / f1:.2f}"]
+        out.append("| " + " | ".join(list(c) + vals) + " |")
+    return "\n".join(out)
 
 
 def main():
@@ -40,7 +72,7 @@ def main():
         ("floor", "read", 1, "memory-read floor, 1 thread", "k", ":x"),
     ]
     dtypes = [d for d in ("fp32", "bf16") if any(r["dtype"] == d for r in rows)]
-    fig, axes = plt.subplots(1, len(dtypes), figsize=(6.5 * len(dtypes), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(6.5 * len(dtypes), 6.0), squeeze=False)
     for ax, dtype in zip(axes[0], dtypes):
         for pas, impl, th, label, color, style in series:
             pts = sorted(
@@ -56,9 +88,10 @@ def main():
         ax.set_ylabel("ns per token (log scale)")
         ax.set_title(f"routing, T = {T}, top-{k}, {dtype} logits")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
+    print(markdown(rows))
     print(f"wrote {out}")
     return 0
 

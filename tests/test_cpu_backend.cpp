@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdio>
+#include <memory>
 #include <moeroute/backend/cpu/engine.hpp>
 #include <moeroute/moeroute.hpp>
 #include <numeric>
@@ -88,6 +89,15 @@ bool close(float a, float b, double rel, double abs_floor = 0.0) {
   return std::fabs(double(a) - double(b)) <= rel * std::fabs(double(b)) + abs_floor;
 }
 
+/// One pool per thread count for the whole test program (starting threads is slow on a
+/// loaded machine).
+std::shared_ptr<mr::ThreadPool> pool(int threads) {
+  static std::vector<std::shared_ptr<mr::ThreadPool>> pools(16);
+  auto& p = pools[std::size_t(threads)];
+  if (!p) p = std::make_shared<mr::ThreadPool>(threads);
+  return p;
+}
+
 /// Routes and backpropagates the same batch through a reference and a CPU router; checks the
 /// CPU results for each thread count.
 template <class Sel, class Sc, class Bal, class L>
@@ -113,7 +123,7 @@ void compare(const mr::RouterConfig& cfg, index_t T, index_t stride, Kind kind, 
   for (int threads : thread_counts) {
     CAPTURE(threads);
     mr::Router<Sel, Bal, mr::CpuBackend, Sc> cpu(cfg);
-    cpu.engine().set_threads(threads);
+    cpu.engine().set_thread_pool(pool(threads));
     mr::RoutingBuffers cb;
     mr::RoutingView cr = cpu.make_output(cb, T);
     cpu.route(x, cr);
