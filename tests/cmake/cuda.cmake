@@ -18,3 +18,27 @@ if(MOEROUTE_HAVE_CUDA)
   target_link_libraries(test_cuda_backend PRIVATE moeroute_cuda_flags doctest::doctest Eigen3::Eigen)
   add_test(NAME test_cuda_backend COMMAND test_cuda_backend)
 endif()
+
+# The kernels' logic on the CPU, through a small SIMT emulator (no GPU, no nvcc needed):
+# kernels.cuh is preprocessed so its shared-memory arrays become emulator storage.
+find_package(Threads REQUIRED)
+file(READ ${PROJECT_SOURCE_DIR}/include/moeroute/backend/cuda/kernels.cuh MOEROUTE_EMU_SRC)
+string(REPLACE "#include \"../../" "#include <moeroute/" MOEROUTE_EMU_SRC "${MOEROUTE_EMU_SRC}")
+string(REGEX REPLACE "#include <moeroute/([a-z_/]+\\.hpp)\"" "#include <moeroute/\\1>" MOEROUTE_EMU_SRC
+       "${MOEROUTE_EMU_SRC}")
+string(REGEX REPLACE "extern __shared__ ([a-z]+) ([a-z_]+)\\[\\];"
+       "\\1* \\2 = reinterpret_cast<\\1*>(emu::dynamic_smem.data());" MOEROUTE_EMU_SRC "${MOEROUTE_EMU_SRC}")
+string(REPLACE "__shared__" "static" MOEROUTE_EMU_SRC "${MOEROUTE_EMU_SRC}")
+# one warp per reduction/scan block keeps the emulation fast (the kernels are generic in it)
+string(REPLACE "reduce_threads = 128;" "reduce_threads = 32;" MOEROUTE_EMU_SRC "${MOEROUTE_EMU_SRC}")
+string(REPLACE "plan_threads = 128;" "plan_threads = 32;" MOEROUTE_EMU_SRC "${MOEROUTE_EMU_SRC}")
+file(WRITE ${CMAKE_CURRENT_BINARY_DIR}/cuda_emu/kernels_emu.hpp.in "${MOEROUTE_EMU_SRC}")
+configure_file(${CMAKE_CURRENT_BINARY_DIR}/cuda_emu/kernels_emu.hpp.in ${CMAKE_CURRENT_BINARY_DIR}/cuda_emu/kernels_emu.hpp
+               COPYONLY)  # rewritten only when it changes
+set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS
+             ${PROJECT_SOURCE_DIR}/include/moeroute/backend/cuda/kernels.cuh)
+moeroute_add_test(test_kernels_emulated ${CMAKE_CURRENT_SOURCE_DIR}/cuda/test_kernels_emulated.cpp
+                  LIBS Threads::Threads)
+target_include_directories(test_kernels_emulated BEFORE PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/cuda/emulator
+                           ${CMAKE_CURRENT_BINARY_DIR}/cuda_emu)
+target_compile_options(test_kernels_emulated PRIVATE -Wno-unknown-pragmas -ffp-contract=off)

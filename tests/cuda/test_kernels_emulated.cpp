@@ -1,0 +1,203 @@
+// The CUDA backend's kernels run on the CPU through a small SIMT emulation
+// (tests/cuda/emulator/cuda_runtime.h): the fused forward, the statistics reduction, the
+// backward and the dispatch plan, against ReferenceBackend. This checks the kernels' logic
+// (indexing, the canonical-sum shuffles, top-k rounds, gate and chain-rule formulas, plan
+// ranks) on machines without a GPU; tests/cuda/test_cuda_backend.cu checks the real thing.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <moeroute/moeroute.hpp>
+#include <random>
+#include <vector>
+
+#include "kernels_emu.hpp"  // kernels.cuh, preprocessed for the emulator by CMake
+
+using namespace moeroute;
+namespace cd = moeroute::cuda_detail;
+
+namespace emu_test {
+/// A fixed selection bias and fixed ∂L/∂p and z-loss coefficients.
+struct Fixed {
+  struct Config {
+    std::vector<float> bias, dprob;
+    float dlse = 0.0f;
+  };
+  static constexpr const char* name = "fixed";
+  Config c;
+  Fixed(index_t, const Config& cfg) : c(cfg) {}
+  void selection_bias(std::span<float> out) const {
+    for (std::size_t e = 0; e < c.bias.size(); ++e) out[e] += c.bias[e];
+  }
+  float aux_loss(const BalanceStats&, AuxGradient& g) const {
+    for (std::size_t e = 0; e < c.dprob.size(); ++e) g.dprob[e] += c.dprob[e];
+    g.any_dprob = !c.dprob.empty();
+    g.dlse_sq += c.dlse;
+    return 0.0f;
+  }
+};
+}  // namespace emu_test
+
+namespace {
+
+template <class Sc, class L, int VPT>
+void run(index_t T, index_t E, index_t k, bool renorm, float scaling, bool use_bias, bool use_aux, unsigned seed) {
+  CAPTURE(T);
+  CAPTURE(E);
+  CAPTURE(k);
+  CAPTURE(Sc::name);
+  CAPTURE(renorm);
+  CAPTURE(use_bias);
+  CAPTURE(use_aux);
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.0f, 2.0f);
+  std::uniform_int_distribution<int> q(0, 3);
+  std::vector<L> x(static_cast<std::size_t>(T * E));
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    const float v = (seed % 2) ? nd(rng) : 0.5f * float(q(rng));  // odd seeds random, even seeds ties
+    if constexpr (std::is_same_v<L, float>)
+      x[i] = v;
+    else
+      x[i] = L(v);
+  }
+  emu_test::Fixed::Config fc;
+  if (use_bias)
+    for (index_t e = 0; e < E; ++e) fc.bias.push_back(0.01f * float((e * 37) % 11) - 0.05f);
+  if (use_aux) {
+    for (index_t e = 0; e < E; ++e) fc.dprob.push_back(0.1f * std::sin(float(e)));
+    fc.dlse = 1e-3f;
+  }
+  RouterConfig cfg;
+  cfg.num_experts = E;
+  cfg.top_k = k;
+  cfg.renormalize = renorm;
+  cfg.scaling = scaling;
+  Router<TopKRuntime, emu_test::Fixed, ReferenceBackend, Sc> ref(cfg, fc);
+  RoutingBuffers rb;
+  RoutingView rv = ref.make_output(rb, T);
+  ref.route(MatrixView<const L>(x.data(), T, E), rv);
+
+  // launch shapes: fewer warps per block than the engine uses (the kernels are generic in
+  // it), two tokens per warp so a warp's statistics span several tokens
+  const int warps = 2, tpw = 2;
+  const index_t blocks = (T + warps * tpw - 1) / (warps * tpw);
+  std::vector<std::int32_t> ids(static_cast<std::size_t>(T * k));
+  std::vector<float> gates(static_cast<std::size_t>(T * k)), probs(static_cast<std::size_t>(E)),
+      gprobs(static_cast<std::size_t>(E));
+  std::vector<double> part_prob(static_cast<std::size_t>(blocks * E)), part_lse(static_cast<std::size_t>(blocks)),
+      prob64(static_cast<std::size_t>(E)), lse(1);
+  std::vector<int> part_count(static_cast<std::size_t>(blocks * E));
+  std::vector<std::int64_t> counts(static_cast<std::size_t>(E)), gcounts(static_cast<std::size_t>(E));
+  unsigned long long bad = ~0ull;
+  cd::ForwardParams<L> P;
+  P.x = x.data();
+  P.stride = E;
+  P.T = int(T);
+  P.E = int(E);
+  P.k = int(k);
+  P.tokens_per_warp = tpw;
+  P.bias = use_bias ? fc.bias.data() : nullptr;
+  P.renormalize = renorm;
+  P.scaling = scaling;
+  P.ids = ids.data();
+  P.gates = gates.data();
+  P.part_prob = part_prob.data();
+  P.part_count = part_count.data();
+  P.part_lse = part_lse.data();
+  P.bad = &bad;
+  emu::launch(dim3(unsigned(blocks)), dim3(unsigned(32 * warps)), std::size_t(E) * 8,
+              [&] { cd::route_forward_kernel<Sc, L, VPT>(P); });
+  emu::launch(dim3(unsigned(E + 1)), dim3(cd::reduce_threads), 0, [&] {
+    cd::reduce_stats_kernel(int(blocks), int(E), part_prob.data(), part_count.data(), part_lse.data(), counts.data(),
+                            gcounts.data(), probs.data(), gprobs.data(), prob64.data(), lse.data());
+  });
+  CHECK(bad == ~0ull);
+  CHECK(std::equal(ids.begin(), ids.end(), rv.ids.begin()));
+  CHECK(std::equal(counts.begin(), counts.end(), rv.counts.begin()));
+  int nbad = 0;
+  for (std::size_t i = 0; i < gates.size(); ++i)
+    nbad += !(std::fabs(gates[i] - rv.gates[i]) <= 1e-6f * std::fabs(rv.gates[i]));
+  for (index_t e = 0; e < E; ++e)
+    nbad += !(std::fabs(probs[std::size_t(e)] - rv.prob_sums[std::size_t(e)]) <=
+              1e-6f * std::max(std::fabs(rv.prob_sums[std::size_t(e)]), 1e-6f));
+  CHECK(nbad == 0);
+  CHECK(std::fabs(lse[0] - rv.global_lse_sq_sum) <= 1e-9 * std::fabs(rv.global_lse_sq_sum));
+
+  // backward
+  std::vector<float> dg(static_cast<std::size_t>(T * k)), dz_ref(static_cast<std::size_t>(T * E)),
+      dz(static_cast<std::size_t>(T * E));
+  for (auto& v : dg) v = nd(rng);
+  ref.backward(MatrixView<const L>(x.data(), T, E), rv, MatrixView<const float>(dg.data(), T, k),
+               MatrixView<float>(dz_ref.data(), T, E));
+  cd::BackwardParams<L> B;
+  B.x = x.data();
+  B.stride = E;
+  B.T = int(T);
+  B.E = int(E);
+  B.k = int(k);
+  B.ids = ids.data();
+  B.dg = dg.data();
+  B.dg_stride = k;
+  B.renormalize = renorm;
+  B.scaling = scaling;
+  B.dprob = use_aux ? fc.dprob.data() : nullptr;
+  B.dlse_sq = use_aux ? fc.dlse : 0.0f;
+  B.dz = dz.data();
+  B.dz_stride = E;
+  emu::launch(dim3(unsigned((T + 1) / 2)), dim3(64), 0, [&] { cd::route_backward_kernel<Sc, L, VPT>(B); });
+  nbad = 0;
+  for (index_t t = 0; t < T; ++t) {
+    float rowmax = 0.0f;
+    for (index_t e = 0; e < E; ++e) rowmax = std::max(rowmax, std::fabs(dz_ref[std::size_t(t * E + e)]));
+    for (index_t e = 0; e < E; ++e) {
+      const float a = dz[std::size_t(t * E + e)], b = dz_ref[std::size_t(t * E + e)];
+      nbad += !(std::fabs(a - b) <= 1e-6f * std::max(std::fabs(b), std::max(1e-3f * rowmax, 1e-30f)));
+    }
+  }
+  CHECK(nbad == 0);
+
+  // dispatch plan against a stable counting sort
+  const index_t chunks = (T + cd::plan_chunk_tokens - 1) / cd::plan_chunk_tokens;
+  std::vector<int> part(static_cast<std::size_t>(chunks * E)), pcount(static_cast<std::size_t>(E)),
+      off(static_cast<std::size_t>(E + 1));
+  std::vector<std::int32_t> order(static_cast<std::size_t>(T * k)), pos(static_cast<std::size_t>(T * k));
+  emu::launch(dim3(unsigned(chunks)), dim3(64), std::size_t(E) * 4,
+              [&] { cd::plan_count_kernel(ids.data(), int(T), int(k), int(E), part.data()); });
+  emu::launch(dim3(unsigned(E)), dim3(cd::plan_threads), 0,
+              [&] { cd::plan_scan_chunks_kernel(int(chunks), int(E), part.data(), pcount.data()); });
+  emu::launch(dim3(1), dim3(cd::plan_threads), 0, [&] { cd::plan_offsets_kernel(int(E), pcount.data(), off.data()); });
+  emu::launch(dim3(unsigned(chunks)), dim3(32), std::size_t(E) * 4, [&] {
+    cd::plan_scatter_kernel(ids.data(), int(T), int(k), int(E), part.data(), off.data(), order.data(), pos.data());
+  });
+  std::vector<int> want_off(std::size_t(E + 1), 0);
+  for (std::int32_t id : rv.ids) ++want_off[std::size_t(id) + 1];
+  for (index_t e = 0; e < E; ++e) want_off[std::size_t(e + 1)] += want_off[std::size_t(e)];
+  std::vector<int> cur(want_off.begin(), want_off.end() - 1);
+  std::vector<std::int32_t> want(static_cast<std::size_t>(T * k));
+  for (index_t a = 0; a < T * k; ++a) want[std::size_t(cur[std::size_t(rv.ids[std::size_t(a)])]++)] = std::int32_t(a);
+  CHECK(off == want_off);
+  CHECK(order == want);
+  nbad = 0;
+  for (index_t i = 0; i < T * k; ++i) nbad += pos[std::size_t(want[std::size_t(i)])] != i;
+  CHECK(nbad == 0);
+}
+
+}  // namespace
+
+TEST_CASE("emulated CUDA kernels: softmax, E not a power of two, ties, bias and aux terms") {
+  run<Softmax, float, 4>(20, 7, 2, false, 1.0f, false, false, 1);
+  run<Softmax, float, 4>(20, 7, 7, true, 2.0f, true, true, 2);
+  run<Softmax, float, 8>(24, 256, 8, true, 1.0f, false, true, 3);
+  run<Softmax, float, 16>(8, 300, 64, false, 1.0f, true, false, 4);
+  run<Softmax, float, 128>(5, 600, 8, true, 1.0f, true, true, 5);
+}
+
+TEST_CASE("emulated CUDA kernels: element-wise and softmax-over-selected scoring, bf16 and fp16") {
+  run<Sigmoid, float, 4>(20, 100, 8, true, 2.5f, true, true, 11);
+  run<Sigmoid, float, 4>(20, 64, 4, false, 1.0f, false, false, 12);
+  run<SqrtSoftplus, float, 8>(12, 200, 8, true, 1.0f, false, true, 13);
+  run<SoftmaxOverSelected, float, 4>(20, 96, 4, false, 1.0f, true, true, 15);
+  run<SoftmaxOverSelected, float, 4>(20, 96, 4, false, 1.0f, false, false, 16);
+  run<Softmax, bfloat16, 4>(20, 128, 8, true, 1.0f, false, false, 17);
+  run<Sigmoid, float16, 4>(20, 128, 8, true, 1.0f, false, true, 18);
+}
