@@ -167,6 +167,15 @@ void run_case(const Options& o, const Case& c, std::vector<Row>& rows) {
     add("forward", "moeroute", threads,
         best_ns(
             o, [&] { router.route(xv, r); }, {}, threads));
+    if (threads > 1) {  // CPU time of all threads per call: the work the threads add, if any
+      timespec a{}, b{};
+      const int reps = 5;
+      clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &a);
+      for (int i = 0; i < reps; ++i) router.route(xv, r);
+      clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &b);
+      add("forward", "moeroute-cpu-time", threads,
+          (double(b.tv_sec - a.tv_sec) * 1e9 + double(b.tv_nsec - a.tv_nsec)) / reps);
+    }
     add("backward", "moeroute", threads,
         best_ns(
             o,
@@ -280,8 +289,8 @@ int main(int argc, char** argv) {
     const double ns = best_ns(o, [&] { sink = read_all(big.data(), big.size()); });
     (void)sink;
     o.read_gbps = double(big.size() * 4) / ns;
-    std::printf("single-core read bandwidth (128 MiB buffer): %.1f GB/s; kernels: %s; threads: 1 and %d\n",
-                o.read_gbps, mr::detail::cpu::simd_name, o.threads);
+    std::printf("single-core read bandwidth (128 MiB buffer): %.1f GB/s; kernels: %s; threads: 1 and %d\n", o.read_gbps,
+                mr::detail::cpu::simd_name, o.threads);
   }
 #if !defined(MOEROUTE_BENCH_TORCH)
   std::printf("built without libtorch: the libtorch columns are empty\n");
@@ -297,26 +306,29 @@ int main(int argc, char** argv) {
   }
 
   const int N = o.threads;
-  std::printf("\nns per token (best of runs); ratios > 1 mean moeroute is faster; floor = logits bytes / read bandwidth\n");
-  std::printf("%6s %4s %2s %4s | %8s %8s %8s | %8s %8s | %7s %7s %6s %7s | %8s %8s %6s | %8s %6s\n", "T", "E", "k",
-              "type", "fwd 1t", "fwd Nt", "floor", "torch1t", "naive", "x torch", "x naive", "x flr", "Nt/1t", "bwd 1t",
-              "tbwd 1t", "x tbwd", "plan", "plan/f");
+  std::printf(
+      "\nns per token (best of runs); ratios > 1 mean moeroute is faster; floor = logits bytes / read bandwidth\n");
+  std::printf("%6s %4s %2s %4s | %8s %8s %8s | %8s %8s | %7s %7s %6s %7s %6s | %8s %8s %6s | %8s %6s\n", "T", "E", "k",
+              "type", "fwd 1t", "fwd Nt", "floor", "torch1t", "naive", "x torch", "x naive", "x flr", "Nt/1t", "work",
+              "bwd 1t", "tbwd 1t", "x tbwd", "plan", "plan/f");
   for (const Row& r : rows) {
     if (std::strcmp(r.pass, "floor") != 0) continue;
     const double f1 = find(rows, r, "forward", "moeroute", 1), fn = find(rows, r, "forward", "moeroute", N);
     const double tf = find(rows, r, "forward", "libtorch", 1), nv = find(rows, r, "forward", "naive", 1);
     const double b1 = find(rows, r, "backward", "moeroute", 1), tb = find(rows, r, "backward", "libtorch", 1);
-    const double pl = find(rows, r, "plan", "moeroute", 1);
+    const double pl = find(rows, r, "plan", "moeroute", 1), cpu = find(rows, r, "forward", "moeroute-cpu-time", N);
     std::printf(
-        "%6ld %4ld %2ld %4s | %8.1f %8.1f %8.1f | %8.1f %8.1f | %7.1f %7.1f %6.2f %7.2f | %8.1f %8.1f %6.1f | %8.1f "
-        "%6.2f\n",
+        "%6ld %4ld %2ld %4s | %8.1f %8.1f %8.1f | %8.1f %8.1f | %7.1f %7.1f %6.2f %7.2f %6.2f | %8.1f %8.1f %6.1f | "
+        "%8.1f %6.2f\n",
         long(r.T), long(r.E), long(r.k), r.dtype, f1, fn, r.ns_per_token, tf, nv, tf / f1, nv / f1, f1 / r.ns_per_token,
-        f1 / fn, b1, tb, tb / b1, pl, pl / f1);
+        f1 / fn, cpu / f1, b1, tb, tb / b1, pl, pl / f1);
   }
   std::printf(
       "columns: fwd Nt = %d threads; x torch / x naive = their time / ours (1 thread); x flr = ours / floor;\n"
-      "Nt/1t = speed-up of %d threads; tbwd = libtorch backward (1 thread); plan = DispatchPlan::build\n",
-      N, N);
+      "Nt/1t = speed-up of %d threads (wall clock); work = CPU time of all %d threads / 1-thread time (1.00: "
+      "threading\n"
+      "adds no work, so N free cores give ~N x); tbwd = libtorch backward (1 thread); plan = DispatchPlan::build\n",
+      N, N, N);
 
   if (FILE* f = std::fopen(o.csv.c_str(), "w")) {
     std::fprintf(f, "T,E,k,dtype,pass,impl,threads,ns_per_token\n");

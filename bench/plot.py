@@ -32,7 +32,8 @@ def markdown(rows):
         if c not in cases:
             cases.append(c)
     head = ["T", "E", "k", "logits", "fwd 1 thr", f"fwd {nt} thr", "floor", "libtorch fwd 1 thr",
-            "naive fwd", "× libtorch", "× naive", "fwd / floor", f"{nt} thr speed-up", "bwd 1 thr",
+            "naive fwd", "× libtorch", "× naive", "fwd / floor", f"{nt} thr speed-up (wall)",
+            f"{nt} thr work", "bwd 1 thr",
             "libtorch bwd 1 thr", "plan", "plan / fwd"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in cases:
@@ -40,8 +41,9 @@ def markdown(rows):
         fl, tf = get(c, "floor", "read", 1), get(c, "forward", "libtorch", 1)
         nv, b1 = get(c, "forward", "naive", 1), get(c, "backward", "moeroute", 1)
         tb, pl = get(c, "backward", "libtorch", 1), get(c, "plan", "moeroute", 1)
+        work = get(c, "forward", "moeroute-cpu-time", nt) / f1
         vals = [f"{f1:.0f}", f"{fn:.0f}", f"{fl:.0f}", f"{tf:.0f}", f"{nv:.0f}", f"{tf / f1:.1f}",
-                f"{nv / f1:.1f}", f"{f1 / fl:.1f}", f"{f1 / fn:.2f}", f"{b1:.0f}", f"{tb:.0f}", f"{pl:.0f}",
+                f"{nv / f1:.1f}", f"{f1 / fl:.1f}", f"{f1 / fn:.2f}", f"{work:.2f}", f"{b1:.0f}", f"{tb:.0f}", f"{pl:.0f}",
                 f"{pl / f1:.2f}"]
         out.append("| " + " | ".join(list(c) + vals) + " |")
     return "\n".join(out)
