@@ -21,6 +21,7 @@
 #include <cstring>
 #include <span>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../../balancing/none.hpp"
@@ -80,9 +81,7 @@ class CudaEngine {
   CudaEngine& operator=(const CudaEngine&) = delete;
   CudaEngine(CudaEngine&&) noexcept = default;
   CudaEngine& operator=(CudaEngine&&) noexcept = default;
-  ~CudaEngine() {
-    if (copy_done_) (void)cudaEventDestroy(copy_done_);
-  }
+  ~CudaEngine() = default;
 
   /// The stream every call enqueues on (not owned).
   void set_stream(cudaStream_t s) noexcept { stream_ = s; }
@@ -395,13 +394,13 @@ class CudaEngine {
   /// Copies n host floats to the device through a pinned staging buffer, asynchronously;
   /// waits only for the previous upload to have left the staging buffer.
   void stage_upload(float* dst, const float* src, index_t n) {
-    if (!copy_done_) MOEROUTE_CUDA_CHECK(cudaEventCreateWithFlags(&copy_done_, cudaEventDisableTiming));
-    MOEROUTE_CUDA_CHECK(cudaEventSynchronize(copy_done_));
+    if (!copy_done_.e) MOEROUTE_CUDA_CHECK(cudaEventCreateWithFlags(&copy_done_.e, cudaEventDisableTiming));
+    MOEROUTE_CUDA_CHECK(cudaEventSynchronize(copy_done_.e));
     staging_.reserve(std::size_t(n));
     std::memcpy(staging_.data(), src, std::size_t(n) * sizeof(float));
     MOEROUTE_CUDA_CHECK(
         cudaMemcpyAsync(dst, staging_.data(), std::size_t(n) * sizeof(float), cudaMemcpyHostToDevice, stream_));
-    MOEROUTE_CUDA_CHECK(cudaEventRecord(copy_done_, stream_));
+    MOEROUTE_CUDA_CHECK(cudaEventRecord(copy_done_.e, stream_));
   }
 
   BalanceStats host_stats_view(index_t E) const {
@@ -417,8 +416,22 @@ class CudaEngine {
     return s;
   }
 
+  /// An owned event (moves, never copies).
+  struct Event {
+    cudaEvent_t e = nullptr;
+    Event() = default;
+    Event(Event&& o) noexcept : e(o.e) { o.e = nullptr; }
+    Event& operator=(Event&& o) noexcept {
+      std::swap(e, o.e);
+      return *this;
+    }
+    ~Event() {
+      if (e) (void)cudaEventDestroy(e);
+    }
+  };
+
   cudaStream_t stream_ = nullptr;
-  cudaEvent_t copy_done_ = nullptr;
+  Event copy_done_;
   bool bad_initialised_ = false;
   cuda_detail::DeviceArray<double> part_prob_, part_lse_, prob_f64_, scalars_;
   cuda_detail::DeviceArray<int> part_count_, plan_part_;
