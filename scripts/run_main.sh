@@ -16,7 +16,7 @@ OUT=${OUT:-out}
 BUILD=${BUILD_DIR:-build/main}
 
 # compiler, CMake, Eigen; matplotlib for the plots
-bash scripts/install_deps.sh build-essential cmake libeigen3-dev python3 python3-matplotlib
+bash scripts/install_deps.sh build-essential cmake libeigen3-dev libxsimd-dev python3 python3-matplotlib
 
 # only what train_moe needs: no tests, benchmarks, CUDA, libtorch or MPI
 cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DMOEROUTE_BUILD_TESTS=OFF -DMOEROUTE_BUILD_BENCHMARKS=OFF \

@@ -1,7 +1,6 @@
 // moeroute — umbrella header: the router, every host-side policy and the reference backend.
 #pragma once
 
-#include "backend/cpu/engine.hpp"
 #include "balancing/compose.hpp"
 #include "balancing/loss_free.hpp"
 #include "balancing/none.hpp"
@@ -26,3 +25,9 @@
 #include "selection/topk.hpp"
 #include "state.hpp"
 #include "version.hpp"
+
+// The fast CPU backend needs xsimd; it is part of the umbrella only where xsimd is available
+// (include "backend/cpu/engine.hpp" directly to require it).
+#if __has_include(<xsimd/xsimd.hpp>)
+#include "backend/cpu/engine.hpp"
+#endif
