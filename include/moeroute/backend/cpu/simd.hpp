@@ -77,7 +77,7 @@ inline xsimd::batch_bool<float, simd_arch> isnan(vf x) noexcept { return !(x == 
 
 /// exp_f32 on every lane, with the scalar function's exact operation sequence.
 /// NonPositive: the caller guarantees x <= 0 or x = -inf (a max-subtracted logit), which
-/// skips the overflow and NaN lanes' fix-up; the results are the same.
+/// allows one scaling multiply and skips the overflow and NaN fix-up; the results are the same.
 template <bool NonPositive = false>
 inline vf exp(vf x) noexcept {
   namespace c = exp_constants;
@@ -91,14 +91,19 @@ inline vf exp(vf x) noexcept {
   p = cpu::fma(p, r, vf(c::p5));
   const vf r2 = r * r;
   const vf y = cpu::fma(p, r2, r) + vf(1.0f);
-  // 2^n as two power-of-two factors; h = trunc(n / 2) as C's integer division does
   const vi ni = xsimd::batch_cast<std::int32_t>(n);
+  if constexpr (NonPositive) {
+    // n in [-126, 0] for every lane kept: 2^n is a normal float, and y·2^n rounds the same
+    // exact value once, as (y·2^h)·2^(n-h) does (its first product is exact)
+    const vf out = y * xsimd::bitwise_cast<vf>((ni + vi(127)) << 23);
+    return xsimd::select(x < vf(c::underflow), vf(0.0f), out);
+  }
+  // 2^n as two power-of-two factors; h = trunc(n / 2) as C's integer division does
   const vi h = xsimd::batch_cast<std::int32_t>(xsimd::trunc(n * vf(0.5f)));
   const vf s1 = xsimd::bitwise_cast<vf>((h + vi(127)) << 23);
   const vf s2 = xsimd::bitwise_cast<vf>(((ni - h) + vi(127)) << 23);
   vf out = (y * s1) * s2;
   out = xsimd::select(x < vf(c::underflow), vf(0.0f), out);
-  if constexpr (NonPositive) return out;  // x <= 0 or -inf: no overflow, no NaN
   const vf big = xsimd::select(cpu::isnan(x), x, vf(INFINITY));
   return xsimd::select(x < vf(c::overflow), out, big);
 }
