@@ -1,4 +1,4 @@
-// Route a batch of tokens, take the gradient, update the balancer. (README quickstart.)
+// Route a batch, take the gradient, update the balancer: one training step of a router.
 #include <moeroute/moeroute.hpp>
 
 #include <cstdio>
@@ -6,28 +6,34 @@
 #include <vector>
 
 int main() {
-  using Router = moeroute::Router<moeroute::TopK<2>, moeroute::NoBalancing, moeroute::ReferenceBackend>;
-  const moeroute::index_t T = 8, E = 16;
-  Router router({.num_experts = E, .renormalize = true});
+  namespace mr = moeroute;
+  // top-2 of 16 experts, softmax scores, phi-balancing with the entropy potential, fast CPU backend
+  using Router = mr::Router<mr::TopK<2>, mr::PhiBalancing<mr::Entropy>, mr::CpuBackend>;
+  const mr::index_t T = 64, E = 16, k = 2;
+  Router router({.num_experts = E, .renormalize = true}, {.alpha = 1e-2f, .decay = 0.65f});
+  router.engine().set_threads(2);
 
-  std::vector<float> logits(T * E);
+  std::vector<float> logits(T * E);  // the engine's gate GEMM output [T, E]
   std::mt19937 rng(0);
   std::normal_distribution<float> normal;
   for (float& z : logits) z = normal(rng);
+  const mr::MatrixView<const float> z(logits.data(), T, E);
 
-  moeroute::RoutingBuffers buffers;
-  moeroute::RoutingView routing = router.make_output(buffers, T);
-  router.route(moeroute::MatrixView<const float>(logits.data(), T, E), routing);
+  // forward: expert ids [T, k], gate weights [T, k], loads [E], aux loss
+  mr::RoutingBuffers buffers;  // reusable; grows only when T grows
+  mr::RoutingView routing = router.make_output(buffers, T);
+  router.route(z, routing);
+  std::printf("token 0 -> expert %d (gate %.3f), expert %d (gate %.3f)\n", routing.ids[0], routing.gates[0],
+              routing.ids[1], routing.gates[1]);
+  std::printf("aux loss %.5f, load of expert 0: %lld\n", routing.aux_loss, (long long)routing.counts[0]);
 
-  for (moeroute::index_t t = 0; t < 2; ++t)
-    std::printf("token %ld -> experts %d (%.3f), %d (%.3f)\n", long(t), routing.ids[t * 2], routing.gates[t * 2],
-                routing.ids[t * 2 + 1], routing.gates[t * 2 + 1]);
+  // backward: dL/dgates (from the engine's combine) -> dL/dlogits, aux-loss gradient included
+  std::vector<float> grad_gates(T * k, 1.0f / float(T)), grad_logits(T * E);
+  router.backward(z, routing, mr::MatrixView<const float>(grad_gates.data(), T, k),
+                  mr::MatrixView<float>(grad_logits.data(), T, E));
 
-  // backward: dL/dgates -> dL/dlogits
-  std::vector<float> grad_gates(T * 2, 1.0f), grad_logits(T * E);
-  router.backward(moeroute::MatrixView<const float>(logits.data(), T, E), routing,
-                  moeroute::MatrixView<const float>(grad_gates.data(), T, 2),
-                  moeroute::MatrixView<float>(grad_logits.data(), T, E));
+  // once per optimizer step: the balancing update (phi's EMA of the expert loads)
   router.step();
-  std::printf("expert 0 load: %ld, aux loss: %g\n", long(routing.counts[0]), routing.aux_loss);
+  const mr::LoadStats load = mr::load_stats(routing.counts);
+  std::printf("MaxVio %.3f, Gini %.3f after %lld step(s)\n", load.max_vio, load.gini, (long long)router.step_count());
 }
