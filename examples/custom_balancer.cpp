@@ -2,7 +2,7 @@
 // threshold, composed with the library's z-loss and checkpointed with its own state.
 // A balancer is a type with a Config, a name, a constructor (E, Config) and any of the
 // hooks (selection_bias, aux_loss, observe, step, reset, save, load); the router calls the
-// ones it has. (docs/balancing.md shows this program.)
+// ones it has. (README.md (Load balancing) shows this program.)
 #include <cstdio>
 #include <moeroute/moeroute.hpp>
 #include <random>

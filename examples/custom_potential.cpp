@@ -1,6 +1,6 @@
 // A user-defined potential for φ-balancing: log-cosh, one of the paper's ablation potentials.
 // A potential is a type with a static name and element-wise value/gradient; nothing in the
-// library changes. (docs/balancing.md shows this program.)
+// library changes. (README.md (Load balancing) shows this program.)
 #include <cmath>
 #include <cstdio>
 #include <moeroute/moeroute.hpp>

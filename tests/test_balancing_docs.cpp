@@ -1,4 +1,4 @@
-// The snippets of docs/balancing.md and docs/metrics.md, compiled and run as printed.
+// The snippets of README.md (Load balancing) and README.md (Balance metrics), compiled and run as printed.
 #include <doctest/doctest.h>
 
 #include <cmath>
@@ -16,7 +16,7 @@ struct LogCosh {
 };
 }  // namespace
 
-TEST_CASE("docs/balancing.md snippets") {
+TEST_CASE("README.md (Load balancing) snippets") {
   const moeroute::RouterConfig cfg{.num_experts = 16};
   const moeroute::RouterConfig seq_cfg{.num_experts = 16, .sequence_length = 64};
   // clang-format off
@@ -55,7 +55,7 @@ TEST_CASE("docs/balancing.md snippets") {
   }
 }
 
-TEST_CASE("docs/metrics.md snippet") {
+TEST_CASE("README.md (Balance metrics) snippet") {
   moeroute::Router<moeroute::TopK<2>> router({.num_experts = 16});
   std::vector<float> z(32 * 16, 0.5f);
   moeroute::RoutingBuffers buffers;

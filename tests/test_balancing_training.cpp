@@ -169,8 +169,8 @@ TEST_CASE("on a skewed router trained by gradient steps every balancer lowers Ma
   CHECK(phi_s.global_max_vio < phi_p.global_max_vio);
   // Not asserted: the paper's φ-Entropy < Switch. In this synthetic setting the Switch loss
   // (hard counts, which are more skewed than the soft probabilities φ tracks) balances more
-  // at the same α; see the figures above and docs/balancing.md.
-  // the same comparison at smaller α (printed, for docs/balancing.md)
+  // at the same α; see the figures above and README.md (Load balancing).
+  // the same comparison at smaller α (printed, for README.md (Load balancing))
   for (float a : {0.01f, 0.03f}) {
     const RunResult s2 = train<mr::SwitchAux>({.alpha = a});
     const RunResult p2 = train<mr::PhiBalancing<mr::Entropy>>({.alpha = a});

@@ -349,7 +349,7 @@ TEST_CASE("cpu backend: other selection policies run the reference code") {
 TEST_CASE("cpu backend: the documented snippet") {
   const index_t T = 512;
   std::vector<float> logits = make_logits<float>(T, 256, 256, Kind::random, 71u);
-  // --- docs/benchmarks-cpu.md ---
+  // --- README.md (The CPU backend) ---
   mr::RouterConfig cfg;
   cfg.num_experts = 256;
   cfg.renormalize = true;

@@ -535,7 +535,7 @@ TEST_CASE("errors name the argument and leave the plan unchanged") {
         }) == "grad_x");
 }
 
-// ---- the engine wiring shown in docs/dispatch.md (keep the two in sync) ----
+// ---- the engine wiring shown in README.md (Dispatch) (keep the two in sync) ----
 namespace doc_snippet {
 using namespace moeroute;
 using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;

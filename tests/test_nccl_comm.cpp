@@ -60,7 +60,7 @@ bool same(std::span<const float> a, std::span<const float> b) {
 
 }  // namespace
 
-// ---- the NCCL snippet of docs/integration.md, compiled here (run where a GPU is visible) ----
+// ---- the NCCL snippet of README.md (In an engine), compiled here (run where a GPU is visible) ----
 using NcclRouter = moeroute::Router<moeroute::TopK<2>, moeroute::LossFree<>, moeroute::ReferenceBackend,
                                     moeroute::Softmax, moeroute::NcclComm>;
 

@@ -1,4 +1,4 @@
-// The code snippets of docs/foundation.md, compiled and checked. Each block between
+// The code snippets of README.md (Router API), compiled and checked. Each block between
 // "snippet" markers is printed in the documentation as it stands here.
 #include <doctest/doctest.h>
 

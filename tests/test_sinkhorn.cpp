@@ -461,8 +461,8 @@ TEST_CASE("Sinkhorn: composes with auxiliary-loss balancers") {
   CHECK(o3.aux_loss == doctest::Approx(1e-3 * lse_sq / T).epsilon(1e-5));
 }
 
-// The snippets of docs/beyond.md, compiled and run as printed.
-TEST_CASE("docs/beyond.md snippets") {
+// The snippets of README.md (More routing rules), compiled and run as printed.
+TEST_CASE("README.md (More routing rules) snippets") {
   // SqrtSoftplus scores, top-8 of 64 experts, renormalised gates
   Router<TopK<8>, NoBalancing, ReferenceBackend, SqrtSoftplus> sqrt_softplus({.num_experts = 64, .renormalize = true});
   // Sinkhorn-balanced top-2 in training, plain top-2 in evaluation

@@ -457,7 +457,7 @@ TEST_CASE("cuda: a CUDA error is reported with its call site") {
   }
 }
 
-TEST_CASE("cuda: the usage snippet of docs/cuda.md") {
+TEST_CASE("cuda: the usage snippet of README.md (CUDA backend)") {
   if (!cuda_ready()) return;
   const index_t T = 1000, E = 256, k = 8, T_max = 4096;
   cudaStream_t stream;
@@ -478,7 +478,7 @@ TEST_CASE("cuda: the usage snippet of docs/cuda.md") {
   float *d_grad_gates = grad_gates.p, *d_grad_logits = grad_logits.p;
   std::int32_t *d_cnt = cnt.p, *d_off = off.p, *d_order = ord.p, *d_pos = pos.p;
 
-  // ---- as printed in docs/cuda.md ----
+  // ---- as printed in README.md (CUDA backend) ----
   RouterConfig cfg;
   cfg.num_experts = 256;
   cfg.renormalize = true;

@@ -245,7 +245,7 @@ TEST_CASE("two ranks over the halves of a batch equal one rank over the whole: a
                                            mr::MpiComm::Order::native, 384, 4);
 }
 
-// ---- the distributed-statistics snippet of docs/integration.md, compiled and run here ----
+// ---- the distributed-statistics snippet of README.md (In an engine), compiled and run here ----
 using DpRouter = moeroute::Router<moeroute::TopK<2>, moeroute::PhiBalancing<moeroute::Entropy>,
                                   moeroute::ReferenceBackend, moeroute::Softmax, moeroute::MpiComm>;
 
