@@ -7,8 +7,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <moeroute/moeroute.hpp>
 #include <random>
+#include <span>
+#include <tuple>
 #include <vector>
 
 #include "kernels_emu.hpp"  // kernels.cuh, preprocessed for the emulator by CMake
@@ -200,4 +203,261 @@ TEST_CASE("emulated CUDA kernels: element-wise and softmax-over-selected scoring
   run<SoftmaxOverSelected, float, 4>(20, 96, 4, false, 1.0f, false, false, 16);
   run<Softmax, bfloat16, 4>(20, 128, 8, true, 1.0f, false, false, 17);
   run<Sigmoid, float16, 4>(20, 128, 8, true, 1.0f, false, true, 18);
+}
+
+// ---------------------------------------------------------------------------------------
+// Device-side balancing: several training steps of route → backward → step, the balancer
+// kernels against the host balancers of a ReferenceBackend router.
+// ---------------------------------------------------------------------------------------
+namespace {
+
+void emu_single(const std::function<void()>& f) { emu::launch(dim3(1), dim3(1), 0, f); }
+
+/// The device image of one balancer: its state and the kernel launches of its hooks, in the
+/// order the CUDA engine issues them.
+template <class B>
+struct EmuMember;
+
+template <class Rule>
+struct EmuMember<LossFree<Rule>> {
+  std::vector<float> b;
+  std::vector<long long> pending;
+  long long batches = 0;
+  explicit EmuMember(index_t E) : b(std::size_t(E), 0.0f), pending(std::size_t(E), 0) {}
+  const float* bias() const { return b.data(); }
+  void aux(const LossFree<Rule>&, const cd::DeviceStats&, float*, float*, float&) {}
+  void observe(const LossFree<Rule>&, const cd::DeviceStats& s) {
+    emu_single([&] { cd::loss_free_observe_kernel(s, pending.data(), &batches); });
+  }
+  void step(const LossFree<Rule>& h) {
+    emu_single([&] {
+      cd::loss_free_step_kernel<Rule>(int(b.size()), h.config().update_rate, b.data(), pending.data(), &batches);
+    });
+  }
+  void compare(const LossFree<Rule>& h) const {
+    CHECK(std::equal(b.begin(), b.end(), h.bias().begin()));
+    CHECK(std::equal(pending.begin(), pending.end(), h.pending_counts().begin()));
+  }
+};
+
+template <class Pot, class Rule>
+struct EmuMember<PhiBalancing<Pot, Rule>> {
+  std::vector<float> m;
+  std::vector<double> acc;
+  long long acc_tokens = 0;
+  explicit EmuMember(index_t E) : m(std::size_t(E), 1.0f / float(E)), acc(std::size_t(E), 0.0) {}
+  const float* bias() const { return nullptr; }
+  void aux(const PhiBalancing<Pot, Rule>& h, const cd::DeviceStats& s, float* dprob, float* loss, float&) {
+    const auto& c = h.config();
+    emu_single([&] {
+      cd::phi_aux_kernel<Pot, Rule>(s, m.data(), c.alpha, c.decay, c.statistic == PhiStatistic::hard, dprob, loss);
+    });
+  }
+  void observe(const PhiBalancing<Pot, Rule>& h, const cd::DeviceStats& s) {
+    emu_single([&] { cd::phi_observe_kernel(s, h.config().statistic == PhiStatistic::hard, acc.data(), &acc_tokens); });
+  }
+  void step(const PhiBalancing<Pot, Rule>& h) {
+    emu_single([&] { cd::phi_step_kernel<Rule>(int(m.size()), h.config().decay, m.data(), acc.data(), &acc_tokens); });
+  }
+  void compare(const PhiBalancing<Pot, Rule>& h) const {
+    CHECK(std::equal(m.begin(), m.end(), h.load_estimate().begin()));  // bit-identical
+    // the accumulators, through the balancer's own state record
+    StateWriter w;
+    h.save(w);
+    StateReader r(std::span<const std::byte>(w.bytes()));
+    r.section(PhiBalancing<Pot, Rule>::identity());
+    std::vector<float> hm(m.size());
+    std::vector<double> hacc(acc.size());
+    r.read(std::span<float>(hm));
+    r.read(std::span<double>(hacc));
+    CHECK(hacc == acc);
+    CHECK(r.read_i64() == acc_tokens);
+  }
+};
+
+template <>
+struct EmuMember<SwitchAux> {
+  explicit EmuMember(index_t) {}
+  const float* bias() const { return nullptr; }
+  void aux(const SwitchAux& h, const cd::DeviceStats& s, float* dprob, float* loss, float&) {
+    emu_single([&] { cd::switch_aux_kernel(s, h.config().alpha, dprob, loss); });
+  }
+  void observe(const SwitchAux&, const cd::DeviceStats&) {}
+  void step(const SwitchAux&) {}
+  void compare(const SwitchAux&) const {}
+};
+
+template <>
+struct EmuMember<ZLoss> {
+  explicit EmuMember(index_t) {}
+  const float* bias() const { return nullptr; }
+  void aux(const ZLoss& h, const cd::DeviceStats& s, float*, float* loss, float& dlse) {
+    // the coefficient β/T needs no statistics: the engine forms it on the host
+    if (s.tokens > 0) dlse += float(double(h.config().beta) / double(s.tokens));
+    if (loss) emu_single([&] { cd::zloss_kernel(s, h.config().beta, loss); });
+  }
+  void observe(const ZLoss&, const cd::DeviceStats&) {}
+  void step(const ZLoss&) {}
+  void compare(const ZLoss&) const {}
+};
+
+template <class... Bs>
+struct EmuMember<Balancers<Bs...>> {
+  std::tuple<EmuMember<Bs>...> ms;
+  explicit EmuMember(index_t E) : ms(EmuMember<Bs>(E)...) {}
+  template <class F>
+  void each(const Balancers<Bs...>& h, F&& f) {
+    [&]<std::size_t... I>(std::index_sequence<I...>) { (f(std::get<I>(ms), h.template get<I>()), ...); }
+    (std::index_sequence_for<Bs...>{});
+  }
+  const float* bias() const {
+    const float* b = nullptr;
+    std::apply([&](const auto&... m) { ((b = b ? b : m.bias()), ...); }, ms);
+    return b;
+  }
+  void aux(const Balancers<Bs...>& h, const cd::DeviceStats& s, float* dprob, float* loss, float& dlse) {
+    each(h, [&](auto& m, const auto& hm) { m.aux(hm, s, dprob, loss, dlse); });
+  }
+  void observe(const Balancers<Bs...>& h, const cd::DeviceStats& s) {
+    each(h, [&](auto& m, const auto& hm) { m.observe(hm, s); });
+  }
+  void step(const Balancers<Bs...>& h) {
+    each(h, [&](auto& m, const auto& hm) { m.step(hm); });
+  }
+  void compare(const Balancers<Bs...>& h) {
+    each(h, [&](auto& m, const auto& hm) { m.compare(hm); });
+  }
+};
+
+template <class B>
+void run_balanced(const typename B::Config& bc, index_t T, index_t E, index_t k, int steps, unsigned seed) {
+  const std::string policy = detail::balancer_id<B>();
+  CAPTURE(policy);
+  RouterConfig cfg;
+  cfg.num_experts = E;
+  cfg.top_k = k;
+  Router<TopKRuntime, B> ref(cfg, bc);
+  EmuMember<B> dev(E);
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> skew(static_cast<std::size_t>(E));
+  for (auto& v : skew) v = nd(rng);  // an imbalanced router, so the balancers have work
+  RoutingBuffers rb;
+  const int warps = 2, tpw = 2;
+  const index_t blocks = (T + warps * tpw - 1) / (warps * tpw);
+  for (int step = 0; step < steps; ++step) {
+    CAPTURE(step);
+    for (int micro = 0; micro < 2; ++micro) {  // two accumulated micro-batches per step
+      std::vector<float> x(static_cast<std::size_t>(T * E)), dg(static_cast<std::size_t>(T * k));
+      for (index_t i = 0; i < T * E; ++i) x[std::size_t(i)] = nd(rng) + skew[std::size_t(i % E)];
+      for (auto& v : dg) v = nd(rng);
+      RoutingView rv = ref.make_output(rb, T);
+      ref.route(MatrixView<const float>(x.data(), T, E), rv);
+
+      // device forward: the balancer's selection bias, statistics, then its hooks
+      std::vector<std::int32_t> ids(static_cast<std::size_t>(T * k));
+      std::vector<float> gates(ids.size()), probs(static_cast<std::size_t>(E)), gprobs(probs.size());
+      std::vector<double> part_prob(static_cast<std::size_t>(blocks * E)), part_lse(static_cast<std::size_t>(blocks)),
+          prob64(static_cast<std::size_t>(E)), lse(1);
+      std::vector<int> part_count(part_prob.size());
+      std::vector<std::int64_t> counts(static_cast<std::size_t>(E)), gcounts(counts.size());
+      unsigned long long bad = ~0ull;
+      cd::ForwardParams<float> P;
+      P.x = x.data();
+      P.stride = E;
+      P.T = int(T);
+      P.E = int(E);
+      P.k = int(k);
+      P.tokens_per_warp = tpw;
+      P.bias = dev.bias();
+      P.ids = ids.data();
+      P.gates = gates.data();
+      P.part_prob = part_prob.data();
+      P.part_count = part_count.data();
+      P.part_lse = part_lse.data();
+      P.bad = &bad;
+      emu::launch(dim3(unsigned(blocks)), dim3(unsigned(32 * warps)), std::size_t(E) * 8,
+                  [&] { cd::route_forward_kernel<Softmax, float, 4>(P); });
+      emu::launch(dim3(unsigned(E + 1)), dim3(cd::reduce_threads), 0, [&] {
+        cd::reduce_stats_kernel(int(blocks), int(E), part_prob.data(), part_count.data(), part_lse.data(),
+                                counts.data(), gcounts.data(), probs.data(), gprobs.data(), prob64.data(), lse.data());
+      });
+      CHECK(std::equal(ids.begin(), ids.end(), rv.ids.begin()));
+      cd::DeviceStats s;
+      s.counts = gcounts.data();
+      s.prob_sums = gprobs.data();
+      s.lse_sq = lse.data();
+      s.tokens = T;
+      s.E = int(E);
+      std::vector<float> dprob(static_cast<std::size_t>(E), 1.0f);
+      float loss = 1.0f, dlse = 0.0f;
+      emu_single([&] { cd::balance_clear_kernel(int(E), dprob.data(), &loss); });
+      dev.aux(ref.balancer(), s, dprob.data(), &loss, dlse);
+      dev.observe(ref.balancer(), s);
+      CHECK(std::fabs(loss - rv.aux_loss) <= 1e-6f * std::fabs(rv.aux_loss));
+      if constexpr (detail::has_aux_loss<B>) CHECK(rv.aux_loss != 0.0f);
+
+      // the coefficients against the host balancer's, then the backward with them
+      std::vector<float> hdprob(static_cast<std::size_t>(E), 0.0f);
+      AuxGradient g;
+      g.dprob = hdprob;
+      BalanceStats hs;
+      hs.tokens = T;
+      hs.experts = E;
+      hs.top_k = k;
+      hs.counts = rv.global_counts;
+      hs.prob_sums = rv.global_prob_sums;
+      hs.lse_sq_sum = rv.global_lse_sq_sum;
+      hs.local_tokens = T;
+      for (std::int64_t c : rv.global_counts) hs.assignments += c;
+      if constexpr (detail::has_aux_loss<B>) (void)ref.balancer().aux_loss(hs, g);
+      int nbad = 0;
+      for (index_t e = 0; e < E; ++e)
+        nbad +=
+            !(std::fabs(dprob[std::size_t(e)] - hdprob[std::size_t(e)]) <= 1e-6f * std::fabs(hdprob[std::size_t(e)]));
+      CHECK(nbad == 0);
+      CHECK(dlse == g.dlse_sq);
+
+      std::vector<float> dz_ref(static_cast<std::size_t>(T * E)), dz(dz_ref.size());
+      ref.backward(MatrixView<const float>(x.data(), T, E), rv, MatrixView<const float>(dg.data(), T, k),
+                   MatrixView<float>(dz_ref.data(), T, E));
+      cd::BackwardParams<float> Bp;
+      Bp.x = x.data();
+      Bp.stride = E;
+      Bp.T = int(T);
+      Bp.E = int(E);
+      Bp.k = int(k);
+      Bp.ids = ids.data();
+      Bp.dg = dg.data();
+      Bp.dg_stride = k;
+      Bp.dprob = g.any_dprob ? dprob.data() : nullptr;
+      Bp.dlse_sq = dlse;
+      Bp.dz = dz.data();
+      Bp.dz_stride = E;
+      emu::launch(dim3(unsigned((T + 1) / 2)), dim3(64), 0, [&] { cd::route_backward_kernel<Softmax, float, 4>(Bp); });
+      nbad = 0;
+      for (std::size_t i = 0; i < dz.size(); ++i)
+        nbad += !(std::fabs(dz[i] - dz_ref[i]) <= 1e-6f * std::max(std::fabs(dz_ref[i]), 1e-6f));
+      CHECK(nbad == 0);
+    }
+    ref.step();
+    dev.step(ref.balancer());
+    dev.compare(ref.balancer());
+  }
+}
+
+}  // namespace
+
+TEST_CASE("emulated CUDA balancing: state, aux loss and gradients of the built-in balancers over several steps") {
+  run_balanced<LossFree<>>({}, 24, 16, 2, 3, 20);
+  run_balanced<LossFree<ProportionalStep>>({.update_rate = 1e-2f}, 24, 16, 2, 2, 29);
+  run_balanced<PhiBalancing<Entropy>>({}, 24, 16, 2, 3, 21);
+  run_balanced<PhiBalancing<Squared, NoMemory>>({.alpha = 1e-2f, .decay = 0.65f, .statistic = PhiStatistic::hard}, 24,
+                                                16, 2, 2, 22);
+  run_balanced<PhiBalancing<Power<3>>>({}, 20, 12, 3, 2, 23);
+  run_balanced<PhiBalancing<Tsallis<0.5>>>({}, 20, 12, 3, 2, 24);
+  run_balanced<SwitchAux>({}, 24, 16, 2, 2, 25);
+  run_balanced<ZLoss>({}, 24, 16, 2, 2, 26);
+  run_balanced<Balancers<LossFree<>, PhiBalancing<Entropy>, ZLoss>>({}, 24, 16, 2, 3, 27);
+  run_balanced<Balancers<LossFree<ProportionalStep>, SwitchAux>>({}, 24, 16, 2, 2, 28);
 }

@@ -21,8 +21,10 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../../balancing/update_rules.hpp"
 #include "../../core.hpp"
 #include "../../detail/math.hpp"
+#include "../../potentials.hpp"
 #include "../../scoring.hpp"
 
 namespace moeroute::cuda_detail {
@@ -699,6 +701,171 @@ __global__ void __launch_bounds__(32)
       position[a] = pos;
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------
+// Device-side balancing: the built-in balancers' hooks as single-thread kernels. Each runs
+// the host balancer's loop in the same order with the same fp32/fp64 operations (explicit
+// round-to-nearest where nvcc could fuse a product into a sum), so the state is bit-identical
+// to the host balancer's and the loss and coefficients agree to the last bits of pow/log.
+// ---------------------------------------------------------------------------------------
+
+/// The global statistics of one batch on the device (what BalanceStats holds on the host).
+struct DeviceStats {
+  const std::int64_t* counts = nullptr;  ///< [E]
+  const float* prob_sums = nullptr;      ///< [E], float of the fp64 sums
+  const double* lse_sq = nullptr;        ///< Σ_t lse(z_t)² (may be null when no z-loss reads it)
+  long long tokens = 0;
+  int E = 0;
+};
+
+/// A potential whose gradient has a device form here (the built-in ones).
+template <class P>
+struct device_potential : std::false_type {};
+template <>
+struct device_potential<Entropy> : std::true_type {};
+template <>
+struct device_potential<Squared> : std::true_type {};
+template <auto X>
+struct device_potential<Power<X>> : std::true_type {};
+template <auto X>
+struct device_potential<Tsallis<X>> : std::true_type {};
+
+/// An update rule with a device form (φ: Ema, NoMemory; Loss-Free: SignStep, ProportionalStep).
+template <class R>
+inline constexpr bool device_rule = std::is_same_v<R, Ema> || std::is_same_v<R, NoMemory> ||
+                                    std::is_same_v<R, SignStep> || std::is_same_v<R, ProportionalStep>;
+
+/// ∇φ(m) as Pot::gradient computes it on the host.
+template <class Pot>
+__device__ inline float d_potential_gradient(float m) {
+  if constexpr (std::is_same_v<Pot, Entropy>) {
+    return __fadd_rn(detail::log_f32(m > potential_min_load ? m : potential_min_load), 1.0f);
+  } else if constexpr (std::is_same_v<Pot, Squared>) {
+    return m;
+  } else if constexpr (requires { Pot::exponent; }) {
+    return float(pow(double(m), Pot::exponent - 1.0));
+  } else {
+    const double c = m > potential_min_load ? double(m) : double(potential_min_load);
+    return float(Pot::q * pow(c, Pot::q - 1.0) / (Pot::q - 1.0));
+  }
+}
+
+/// One element of φ's update rule: Ema m' = ρ·m + (1 − ρ)·p, NoMemory m' = p.
+template <class Rule>
+__device__ inline float d_phi_rule(float m, double p, float rho) {
+  if constexpr (std::is_same_v<Rule, Ema>)
+    return float(__dadd_rn(__dmul_rn(double(rho), double(m)), __dmul_rn(1.0 - double(rho), p)));
+  else
+    return float(p);
+}
+
+__device__ inline bool first_thread() { return threadIdx.x == 0 && blockIdx.x == 0; }
+
+__device__ inline long long d_assignments(const DeviceStats& s) {
+  long long a = 0;
+  for (int e = 0; e < s.E; ++e) a += s.counts[e];
+  return a;
+}
+
+/// φ's load statistic of expert e: hard f = count/assignments (when any), else soft p̂.
+__device__ inline double d_phi_statistic(const DeviceStats& s, int e, bool hard, long long assignments) {
+  if (hard && assignments > 0) return double(s.counts[e]) / double(assignments);
+  return double(s.prob_sums[e]) / double(s.tokens);
+}
+
+/// Zeroes the coefficients ∂L/∂p [E] and the aux-loss scalar before the balancers add theirs.
+__global__ void balance_clear_kernel(int E, float* dprob, float* loss) {
+  if (!first_thread()) return;
+  for (int e = 0; e < E; ++e) dprob[e] = 0.0f;
+  if (loss) *loss = 0.0f;
+}
+
+/// SwitchAux (global batch): loss α·E·Σ f_e·P_e, dprob += α·E·f_e/T.
+__global__ void switch_aux_kernel(DeviceStats s, float alpha, float* dprob, float* loss) {
+  if (!first_thread()) return;
+  const long long A = d_assignments(s);
+  if (s.tokens <= 0 || A <= 0) return;
+  const double scale = double(alpha) * double(s.E), T = double(s.tokens), Ad = double(A);
+  double l = 0.0;
+  for (int e = 0; e < s.E; ++e) {
+    const double f = double(s.counts[e]) / Ad;
+    l = __dadd_rn(l, __dmul_rn(f, double(s.prob_sums[e])) / T);
+    dprob[e] = __fadd_rn(dprob[e], float(__dmul_rn(scale, f) / T));
+  }
+  if (loss) *loss = __fadd_rn(*loss, float(__dmul_rn(scale, l)));
+}
+
+/// ZLoss value β·Σ lse²/T (its coefficient β/T is known on the host).
+__global__ void zloss_kernel(DeviceStats s, float beta, float* loss) {
+  if (!first_thread() || s.tokens <= 0 || !loss) return;
+  *loss = __fadd_rn(*loss, float(__dmul_rn(double(beta), *s.lse_sq) / double(s.tokens)));
+}
+
+/// PhiBalancing's loss and coefficients from the committed m: q = ∇φ(Rule(m, p̂)),
+/// loss α·Σ q·p̂, dprob += α·q/T.
+template <class Pot, class Rule>
+__global__ void phi_aux_kernel(DeviceStats s, const float* m, float alpha, float decay, bool hard, float* dprob,
+                               float* loss) {
+  if (!first_thread() || s.tokens <= 0) return;
+  const long long A = hard ? d_assignments(s) : 0;
+  const double T = double(s.tokens), a = double(alpha);
+  double l = 0.0;
+  for (int e = 0; e < s.E; ++e) {
+    const float next = d_phi_rule<Rule>(m[e], d_phi_statistic(s, e, hard, A), decay);
+    const double q = double(d_potential_gradient<Pot>(next));
+    l = __dadd_rn(l, __dmul_rn(q, double(s.prob_sums[e])) / T);
+    dprob[e] = __fadd_rn(dprob[e], float(__dmul_rn(a, q) / T));
+  }
+  if (loss) *loss = __fadd_rn(*loss, float(__dmul_rn(a, l)));
+}
+
+/// PhiBalancing::observe: acc += statistic·T, acc_tokens += T.
+__global__ void phi_observe_kernel(DeviceStats s, bool hard, double* acc, long long* acc_tokens) {
+  if (!first_thread() || s.tokens <= 0) return;
+  const long long A = hard ? d_assignments(s) : 0;
+  for (int e = 0; e < s.E; ++e) acc[e] = __dadd_rn(acc[e], __dmul_rn(d_phi_statistic(s, e, hard, A), double(s.tokens)));
+  *acc_tokens += s.tokens;
+}
+
+/// PhiBalancing::step: m ← Rule(m, acc/acc_tokens), then clears the accumulators.
+template <class Rule>
+__global__ void phi_step_kernel(int E, float decay, float* m, double* acc, long long* acc_tokens) {
+  if (!first_thread() || *acc_tokens <= 0) return;
+  const double n = double(*acc_tokens);
+  for (int e = 0; e < E; ++e) {
+    acc[e] = acc[e] / n;
+    m[e] = d_phi_rule<Rule>(m[e], acc[e], decay);
+    acc[e] = 0.0;
+  }
+  *acc_tokens = 0;
+}
+
+/// LossFree::observe: pending counts += the batch's counts.
+__global__ void loss_free_observe_kernel(DeviceStats s, long long* pending, long long* batches) {
+  if (!first_thread()) return;
+  for (int e = 0; e < s.E; ++e) pending[e] += s.counts[e];
+  *batches += 1;
+}
+
+/// LossFree::step with SignStep or ProportionalStep, then clears the accumulators.
+template <class Rule>
+__global__ void loss_free_step_kernel(int E, float u, float* b, long long* pending, long long* batches) {
+  if (!first_thread() || *batches == 0) return;
+  double sum = 0.0;
+  for (int e = 0; e < E; ++e) sum = __dadd_rn(sum, double(pending[e]));
+  const double mean = sum / double(E);
+  for (int e = 0; e < E; ++e) {
+    const double c = double(pending[e]);
+    if constexpr (std::is_same_v<Rule, SignStep>) {
+      const double d = mean - c;
+      b[e] = __fadd_rn(b[e], d > 0.0 ? u : (d < 0.0 ? -u : 0.0f));
+    } else if (mean > 0.0) {
+      b[e] = float(__dadd_rn(double(b[e]), __dmul_rn(double(u), mean - c) / mean));
+    }
+  }
+  for (int e = 0; e < E; ++e) pending[e] = 0;
+  *batches = 0;
 }
 
 }  // namespace moeroute::cuda_detail
