@@ -240,7 +240,15 @@ class Router {
   /// versioned, checksummed blob (see state.hpp). Take it after `step`, like the optimizer's.
   [[nodiscard]] std::vector<std::byte> save_state() const {
     StateWriter w;
-    if constexpr (requires { balancer_.save(w); }) balancer_.save(w);
+    if constexpr (requires { balancer_.save(w); }) {
+      if constexpr (requires(Balancing& b) { engine_.download_state(b); }) {
+        Balancing live = balancer_;  // a device backend may hold the live state
+        engine_.download_state(live);
+        live.save(w);
+      } else {
+        balancer_.save(w);
+      }
+    }
     return detail::seal_state(w.bytes(), config_.num_experts, steps_, policy_id());
   }
   /// Callback form: `sink` receives the blob (once, whole).
@@ -262,6 +270,7 @@ class Router {
       staged.load(r);
       r.expect_end();
       balancer_ = std::move(staged);
+      if constexpr (requires { engine_.invalidate_state(); }) engine_.invalidate_state();  // re-upload
     } else {
       r.expect_end();
     }

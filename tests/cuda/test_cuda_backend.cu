@@ -314,41 +314,150 @@ TEST_CASE("cuda: selection bias and balancer gradient terms") {
   }
 }
 
-TEST_CASE("cuda: built-in balancers through Router (host statistics path) follow the CPU over steps") {
-  if (!cuda_ready()) return;
-  const index_t T = 2048, E = 64, k = 8;
+namespace {
+
+float device_aux_loss(const float* p) {
+  float v = 0.0f;
+  MOEROUTE_CUDA_CHECK(cudaDeviceSynchronize());
+  MOEROUTE_CUDA_CHECK(cudaMemcpy(&v, p, sizeof v, cudaMemcpyDeviceToHost));
+  return v;
+}
+
+/// Several steps of two micro-batches route → backward, then step, on the GPU (device-side
+/// balancing) and on the reference; ids, aux loss, gradients and the saved state must agree.
+template <class Bal>
+void balanced_steps(index_t T, index_t E) {
+  const index_t k = 8;
   RouterConfig cfg;
   cfg.num_experts = E;
   cfg.top_k = k;
-  using Bal = Balancers<PhiBalancing<Entropy>, LossFree<>, ZLoss>;
   Router<TopK<8>, Bal, ReferenceBackend> ref(cfg);
   Router<TopK<8>, Bal, CudaBackend> gpu(cfg);
+  static_assert(cuda_detail::device_balancing<Bal, NoComm>);
   DevRouting dr(T, E, k);
   RoutingBuffers rb;
   for (int step = 0; step < 4; ++step) {
     CAPTURE(step);
-    auto z = make_input(Input::random, T, E, 50 + step);
-    for (index_t t = 0; t < T; ++t) z[std::size_t(t * E + (t % 5))] += 3.0f;  // skewed load
+    for (int micro = 0; micro < 2; ++micro) {
+      auto z = make_input(Input::random, T, E, unsigned(50 + 2 * step + micro));
+      for (index_t t = 0; t < T; ++t) z[std::size_t(t * E + (t % 5))] += 3.0f;  // skewed load
+      RoutingView rv = ref.make_output(rb, T);
+      ref.route(MatrixView<const float>(z.data(), T, E), rv);
+      Dev<float> dx(z);
+      RoutingView gv = dr.view();
+      gpu.route(MatrixView<const float>(dx.p, T, E), gv);
+      CHECK(dr.ids.download() == std::vector<std::int32_t>(rv.ids.begin(), rv.ids.end()));
+      CHECK(close(device_aux_loss(gpu.engine().aux_loss_device()), rv.aux_loss, 1e-6f, 1e-12f));
+      std::vector<float> dg(std::size_t(T * k), 0.25f), dz_ref(std::size_t(T * E));
+      ref.backward(MatrixView<const float>(z.data(), T, E), rv, MatrixView<const float>(dg.data(), T, k),
+                   MatrixView<float>(dz_ref.data(), T, E));
+      Dev<float> ddg(dg), ddz(std::size_t(T * E));
+      gpu.backward(MatrixView<const float>(dx.p, T, E), gv, MatrixView<const float>(ddg.p, T, k),
+                   MatrixView<float>(ddz.p, T, E));
+      const auto dz = ddz.download();
+      int bad = 0;
+      for (std::size_t i = 0; i < dz.size(); ++i) bad += !close(dz[i], dz_ref[i], 1e-6f, 1e-6f);
+      CHECK(bad == 0);
+    }
+    ref.step();
+    gpu.step();
+    CHECK(gpu.save_state() == ref.save_state());  // the device state, bit for bit
+  }
+  // a loaded state reaches the device
+  Router<TopK<8>, Bal, CudaBackend> restored(cfg);
+  restored.load_state(ref.save_state());
+  auto z = make_input(Input::random, T, E, 99);
+  Dev<float> dx(z);
+  RoutingView gv = dr.view();
+  restored.route(MatrixView<const float>(dx.p, T, E), gv);
+  RoutingView rv = ref.make_output(rb, T);
+  ref.route(MatrixView<const float>(z.data(), T, E), rv);
+  CHECK(dr.ids.download() == std::vector<std::int32_t>(rv.ids.begin(), rv.ids.end()));
+  CHECK(close(device_aux_loss(restored.engine().aux_loss_device()), rv.aux_loss, 1e-6f, 1e-12f));
+}
+
+}  // namespace
+
+TEST_CASE("cuda: built-in balancers on the device follow the CPU over steps (state, aux loss, gradients)") {
+  if (!cuda_ready()) return;
+  balanced_steps<LossFree<>>(2048, 64);
+  balanced_steps<PhiBalancing<Entropy>>(2048, 64);
+  balanced_steps<SwitchAux>(2048, 64);
+  balanced_steps<ZLoss>(2048, 64);
+  balanced_steps<Balancers<PhiBalancing<Entropy>, LossFree<>, ZLoss>>(2048, 64);
+  balanced_steps<Balancers<LossFree<ProportionalStep>, SwitchAux>>(1000, 200);
+}
+
+TEST_CASE("cuda: a step with PhiBalancing + z-loss captured in a CUDA graph follows the CPU") {
+  if (!cuda_ready()) return;
+  const index_t T = 4096, E = 128, k = 8;
+  RouterConfig cfg;
+  cfg.num_experts = E;
+  cfg.top_k = k;
+  using Bal = Balancers<PhiBalancing<Entropy>, ZLoss>;
+  Router<TopK<8>, Bal, CudaBackend> gpu(cfg);
+  Router<TopK<8>, Bal, ReferenceBackend> ref(cfg);
+  cudaStream_t s;
+  MOEROUTE_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  gpu.engine().set_stream(s);
+  Dev<float> dx(std::size_t(T * E)), ddg(std::size_t(T * k)), ddz(std::size_t(T * E));
+  DevRouting dr(T, E, k);
+  RoutingView gv = dr.view();
+  const MatrixView<const float> xv(dx.p, T, E);
+  // one eager route in evaluation mode: allocates the workspace and uploads the state
+  // without changing it
+  gpu.set_training(false);
+  gpu.route(xv, gv);
+  gpu.set_training(true);
+  MOEROUTE_CUDA_CHECK(cudaStreamSynchronize(s));
+
+  cudaGraph_t graph;
+  MOEROUTE_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+  gpu.route(xv, gv);
+  gpu.backward(xv, gv, MatrixView<const float>(ddg.p, T, k), MatrixView<float>(ddz.p, T, E));
+  gpu.step();
+  MOEROUTE_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
+  cudaGraphExec_t exec;
+  MOEROUTE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+
+  for (unsigned rep = 0; rep < 3; ++rep) {
+    CAPTURE(rep);
+    auto z = make_input(Input::random, T, E, 80 + rep);
+    for (index_t t = 0; t < T; ++t) z[std::size_t(t * E + (t % 3))] += 2.0f;
+    std::vector<float> dg(std::size_t(T * k));
+    for (std::size_t i = 0; i < dg.size(); ++i) dg[i] = float(int(i % 7) - 3) * 0.5f;
+    dx.upload(z);
+    ddg.upload(dg);
+    MOEROUTE_CUDA_CHECK(cudaGraphLaunch(exec, s));
+    MOEROUTE_CUDA_CHECK(cudaStreamSynchronize(s));
+    RoutingBuffers rb;
     RoutingView rv = ref.make_output(rb, T);
     ref.route(MatrixView<const float>(z.data(), T, E), rv);
-    Dev<float> dx(z);
-    RoutingView gv = dr.view();
-    gpu.route(MatrixView<const float>(dx.p, T, E), gv);
-    CHECK(dr.ids.download() == std::vector<std::int32_t>(rv.ids.begin(), rv.ids.end()));
-    CHECK(close(gv.aux_loss, rv.aux_loss, 1e-6f, 1e-12f));
-    std::vector<float> dg(std::size_t(T * k), 0.25f), dz_ref(std::size_t(T * E));
+    std::vector<float> dz_ref(std::size_t(T * E));
     ref.backward(MatrixView<const float>(z.data(), T, E), rv, MatrixView<const float>(dg.data(), T, k),
                  MatrixView<float>(dz_ref.data(), T, E));
-    Dev<float> ddg(dg), ddz(std::size_t(T * E));
-    gpu.backward(MatrixView<const float>(dx.p, T, E), gv, MatrixView<const float>(ddg.p, T, k),
-                 MatrixView<float>(ddz.p, T, E));
+    ref.step();
+    CHECK(dr.ids.download() == std::vector<std::int32_t>(rv.ids.begin(), rv.ids.end()));
+    auto& router = gpu;
+    cudaStream_t stream = s;
+    // ---- as printed in README.md (CUDA backend, device-side balancing) ----
+    float aux = 0.0f;
+    cudaMemcpyAsync(&aux, router.engine().aux_loss_device(), sizeof aux, cudaMemcpyDeviceToHost, stream);
+    cudaStreamSynchronize(stream);
+    // ----
+    CHECK(close(aux, rv.aux_loss, 1e-6f, 1e-12f));
     const auto dz = ddz.download();
     int bad = 0;
     for (std::size_t i = 0; i < dz.size(); ++i) bad += !close(dz[i], dz_ref[i], 1e-6f, 1e-6f);
     CHECK(bad == 0);
-    ref.step();
-    gpu.step();
+    Bal live = gpu.balancer();
+    gpu.engine().download_state(live);
+    CHECK(std::equal(live.get<0>().load_estimate().begin(), live.get<0>().load_estimate().end(),
+                     ref.balancer().get<0>().load_estimate().begin()));
   }
+  MOEROUTE_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  MOEROUTE_CUDA_CHECK(cudaGraphDestroy(graph));
+  MOEROUTE_CUDA_CHECK(cudaStreamDestroy(s));
 }
 
 TEST_CASE("cuda: non-finite logits are reported like on the CPU; NaN as -inf routes like the CPU") {

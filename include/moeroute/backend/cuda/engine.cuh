@@ -6,12 +6,15 @@
 // gradients. The engine owns its device workspace (it grows only when a shape grows) and
 // runs on the stream set with `router.engine().set_stream(s)` (default: stream 0).
 //
-// Synchronisation. With NoBalancing and NoComm, route/backward/step enqueue kernels only and
-// never synchronise, so a training step can be captured in a CUDA graph (call route and
-// backward once before capturing, or reserve(), so the workspace exists). A non-finite logit
-// is recorded on the device; `check_errors()` (which synchronises) throws the same
-// non_finite_error as the CPU backends. Balancers and communicators are supported through
-// their host hooks: route then copies the statistics to the host and synchronises once.
+// Synchronisation. With NoComm and either NoBalancing or a built-in balancer with device
+// kernels (LossFree, PhiBalancing with a built-in potential and Ema/NoMemory, SwitchAux over
+// the global batch, ZLoss, Balancers<...> of these), route/backward/step enqueue kernels only
+// and never synchronise, so a training step can be captured in a CUDA graph (call route once
+// before capturing, so the workspace exists and the balancer state is on the device). The
+// balancer state then lives on the device (download_state, aux_loss_device). A non-finite
+// logit is recorded on the device; `check_errors()` (which synchronises) throws the same
+// non_finite_error as the CPU backends. Other balancers and communicators are supported
+// through their host hooks: route then copies the statistics to the host and synchronises once.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -19,18 +22,27 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <span>
+#include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "../../balancing/compose.hpp"
+#include "../../balancing/loss_free.hpp"
 #include "../../balancing/none.hpp"
+#include "../../balancing/phi.hpp"
+#include "../../balancing/switch_aux.hpp"
+#include "../../balancing/zloss.hpp"
 #include "../../comm/nocomm.hpp"
 #include "../../concepts.hpp"
 #include "../../core.hpp"
 #include "../../routing.hpp"
 #include "../../scoring.hpp"
 #include "../../selection/topk.hpp"
+#include "../../state.hpp"
 #include "common.cuh"
 #include "kernels.cuh"
 
@@ -65,6 +77,223 @@ template <class S>
 struct is_topk : std::false_type {};
 template <index_t K>
 struct is_topk<TopK<K>> : std::true_type {};
+
+/// The device image of a balancer: its state in device memory and the kernel launches of its
+/// hooks. Specialised for the built-in balancers whose hooks have device kernels;
+/// `supported` is false for every other type (they keep the host hooks).
+template <class B>
+struct DeviceBalancer {
+  static constexpr bool supported = false;
+};
+
+/// Copies n elements host → device, synchronously (state uploads happen outside capture).
+template <class T>
+inline void upload_now(T* dst, const T* src, std::size_t n, cudaStream_t s) {
+  MOEROUTE_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(T), cudaMemcpyHostToDevice, s));
+  MOEROUTE_CUDA_CHECK(cudaStreamSynchronize(s));
+}
+template <class T>
+inline void download_now(T* dst, const T* src, std::size_t n, cudaStream_t s) {
+  MOEROUTE_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(T), cudaMemcpyDeviceToHost, s));
+  MOEROUTE_CUDA_CHECK(cudaStreamSynchronize(s));
+}
+
+template <class Rule>
+struct DeviceBalancer<LossFree<Rule>> {
+  using B = LossFree<Rule>;
+  static constexpr bool supported = device_rule<Rule>;
+  DeviceArray<float> b;
+  DeviceArray<long long> pending;  // [E] counts, then the batch count
+  index_t E = 0;
+
+  /// Reads the host balancer's state through its own record (save) and copies it over.
+  void upload(const B& h, index_t experts, cudaStream_t s) {
+    E = experts;
+    StateWriter w;
+    h.save(w);
+    StateReader r(std::span<const std::byte>(w.bytes()));
+    r.section(B::identity());
+    std::vector<float> hb(static_cast<std::size_t>(E));
+    std::vector<std::int64_t> hc(std::size_t(E) + 1);
+    r.read(std::span<float>(hb));
+    r.read(std::span<std::int64_t>(hc.data(), std::size_t(E)));
+    hc[std::size_t(E)] = r.read_i64();
+    b.reserve(std::size_t(E));
+    pending.reserve(std::size_t(E) + 1);
+    upload_now(b.data(), hb.data(), hb.size(), s);
+    upload_now(pending.data(), reinterpret_cast<const long long*>(hc.data()), hc.size(), s);
+  }
+  /// Writes the device state into the host balancer (through its own load).
+  void download(B& h, cudaStream_t s) const {
+    std::vector<float> hb(static_cast<std::size_t>(E));
+    std::vector<std::int64_t> hc(std::size_t(E) + 1);
+    download_now(hb.data(), b.data(), hb.size(), s);
+    download_now(reinterpret_cast<long long*>(hc.data()), pending.data(), hc.size(), s);
+    StateWriter w;
+    w.section(B::identity());
+    w.write(std::span<const float>(hb));
+    w.write(std::span<const std::int64_t>(hc.data(), std::size_t(E)));
+    w.write_scalar(hc[std::size_t(E)]);
+    StateReader r(std::span<const std::byte>(w.bytes()));
+    h.load(r);
+  }
+  [[nodiscard]] const float* bias() const noexcept { return b.data(); }
+  static constexpr bool has_dprob = false;
+  void aux(const B&, const DeviceStats&, float*, float*, float&, cudaStream_t) const {}
+  void observe(const B&, const DeviceStats& st, cudaStream_t s) {
+    loss_free_observe_kernel<<<1, 1, 0, s>>>(st, pending.data(), pending.data() + E);
+    MOEROUTE_CUDA_CHECK_LAUNCH();
+  }
+  void step(const B& h, cudaStream_t s) {
+    loss_free_step_kernel<Rule>
+        <<<1, 1, 0, s>>>(int(E), h.config().update_rate, b.data(), pending.data(), pending.data() + E);
+    MOEROUTE_CUDA_CHECK_LAUNCH();
+  }
+};
+
+template <class Pot, class Rule>
+struct DeviceBalancer<PhiBalancing<Pot, Rule>> {
+  using B = PhiBalancing<Pot, Rule>;
+  static constexpr bool supported = device_potential<Pot>::value && device_rule<Rule>;
+  DeviceArray<float> m;
+  DeviceArray<double> acc;
+  DeviceArray<long long> acc_tokens;
+  index_t E = 0;
+
+  void upload(const B& h, index_t experts, cudaStream_t s) {
+    E = experts;
+    StateWriter w;
+    h.save(w);
+    StateReader r(std::span<const std::byte>(w.bytes()));
+    r.section(B::identity());
+    std::vector<float> hm(static_cast<std::size_t>(E));
+    std::vector<double> ha(static_cast<std::size_t>(E));
+    r.read(std::span<float>(hm));
+    r.read(std::span<double>(ha));
+    const long long n = r.read_i64();
+    m.reserve(std::size_t(E));
+    acc.reserve(std::size_t(E));
+    acc_tokens.reserve(1);
+    upload_now(m.data(), hm.data(), hm.size(), s);
+    upload_now(acc.data(), ha.data(), ha.size(), s);
+    upload_now(acc_tokens.data(), &n, 1, s);
+  }
+  void download(B& h, cudaStream_t s) const {
+    std::vector<float> hm(static_cast<std::size_t>(E));
+    std::vector<double> ha(static_cast<std::size_t>(E));
+    long long n = 0;
+    download_now(hm.data(), m.data(), hm.size(), s);
+    download_now(ha.data(), acc.data(), ha.size(), s);
+    download_now(&n, acc_tokens.data(), 1, s);
+    StateWriter w;
+    w.section(B::identity());
+    w.write(std::span<const float>(hm));
+    w.write(std::span<const double>(ha));
+    w.write_scalar(std::int64_t(n));
+    StateReader r(std::span<const std::byte>(w.bytes()));
+    h.load(r);
+  }
+  [[nodiscard]] const float* bias() const noexcept { return nullptr; }
+  static constexpr bool has_dprob = true;
+  void aux(const B& h, const DeviceStats& st, float* dprob, float* loss, float&, cudaStream_t s) const {
+    const PhiConfig& c = h.config();
+    phi_aux_kernel<Pot, Rule>
+        <<<1, 1, 0, s>>>(st, m.data(), c.alpha, c.decay, c.statistic == PhiStatistic::hard, dprob, loss);
+    MOEROUTE_CUDA_CHECK_LAUNCH();
+  }
+  void observe(const B& h, const DeviceStats& st, cudaStream_t s) {
+    phi_observe_kernel<<<1, 1, 0, s>>>(st, h.config().statistic == PhiStatistic::hard, acc.data(), acc_tokens.data());
+    MOEROUTE_CUDA_CHECK_LAUNCH();
+  }
+  void step(const B& h, cudaStream_t s) {
+    phi_step_kernel<Rule><<<1, 1, 0, s>>>(int(E), h.config().decay, m.data(), acc.data(), acc_tokens.data());
+    MOEROUTE_CUDA_CHECK_LAUNCH();
+  }
+};
+
+/// The stateless ones: nothing to upload, observe or step.
+struct DeviceStateless {
+  void upload(const auto&, index_t, cudaStream_t) {}
+  void download(auto&, cudaStream_t) const {}
+  [[nodiscard]] const float* bias() const noexcept { return nullptr; }
+  void observe(const auto&, const DeviceStats&, cudaStream_t) {}
+  void step(const auto&, cudaStream_t) {}
+};
+
+template <>
+struct DeviceBalancer<SwitchAux> : DeviceStateless {
+  static constexpr bool supported = true;
+  static constexpr bool has_dprob = true;
+  void aux(const SwitchAux& h, const DeviceStats& st, float* dprob, float* loss, float&, cudaStream_t s) const {
+    switch_aux_kernel<<<1, 1, 0, s>>>(st, h.config().alpha, dprob, loss);
+    MOEROUTE_CUDA_CHECK_LAUNCH();
+  }
+};
+
+template <>
+struct DeviceBalancer<ZLoss> : DeviceStateless {
+  static constexpr bool supported = true;
+  static constexpr bool has_dprob = false;
+  /// The coefficient β/T needs no statistics: formed on the host as ZLoss does.
+  void aux(const ZLoss& h, const DeviceStats& st, float*, float* loss, float& dlse, cudaStream_t s) const {
+    if (st.tokens > 0) dlse += float(double(h.config().beta) / double(st.tokens));
+    if (loss) {
+      zloss_kernel<<<1, 1, 0, s>>>(st, h.config().beta, loss);
+      MOEROUTE_CUDA_CHECK_LAUNCH();
+    }
+  }
+};
+
+template <class... Bs>
+struct DeviceBalancer<Balancers<Bs...>> {
+  using B = Balancers<Bs...>;
+  static constexpr bool supported = (DeviceBalancer<Bs>::supported && ...);
+  static constexpr bool has_dprob = (DeviceBalancer<Bs>::has_dprob || ...);
+  std::tuple<DeviceBalancer<Bs>...> ms;
+
+  template <class H, class F>
+  void each(H& h, F&& f) {
+    [&]<std::size_t... I>(std::index_sequence<I...>) { (f(std::get<I>(ms), h.template get<I>()), ...); }
+    (std::index_sequence_for<Bs...>{});
+  }
+  template <class H, class F>
+  void each(H& h, F&& f) const {
+    [&]<std::size_t... I>(std::index_sequence<I...>) { (f(std::get<I>(ms), h.template get<I>()), ...); }
+    (std::index_sequence_for<Bs...>{});
+  }
+  void upload(const B& h, index_t E, cudaStream_t s) {
+    each(h, [&](auto& d, const auto& m) { d.upload(m, E, s); });
+  }
+  void download(B& h, cudaStream_t s) const {
+    each(h, [&](const auto& d, auto& m) { d.download(m, s); });
+  }
+  [[nodiscard]] const float* bias() const noexcept {
+    const float* b = nullptr;
+    std::apply([&](const auto&... d) { ((b = b ? b : d.bias()), ...); }, ms);
+    return b;
+  }
+  void aux(const B& h, const DeviceStats& st, float* dprob, float* loss, float& dlse, cudaStream_t s) const {
+    each(h, [&](const auto& d, const auto& m) { d.aux(m, st, dprob, loss, dlse, s); });
+  }
+  void observe(const B& h, const DeviceStats& st, cudaStream_t s) {
+    each(h, [&](auto& d, const auto& m) { d.observe(m, st, s); });
+  }
+  void step(const B& h, cudaStream_t s) {
+    each(h, [&](auto& d, const auto& m) { d.step(m, s); });
+  }
+};
+
+/// Whether a balancer reads Σ lse² (the z-loss), so the forward must compute it.
+template <class B>
+inline constexpr bool reads_lse = std::is_same_v<B, ZLoss>;
+template <class... Bs>
+inline constexpr bool reads_lse<Balancers<Bs...>> = (reads_lse<Bs> || ...);
+
+/// Whether a Router with balancer B and communicator C balances on the device (no host hook,
+/// no synchronisation): every member has device kernels and the statistics are local.
+template <class B, class C>
+inline constexpr bool device_balancing =
+    !std::is_same_v<B, NoBalancing> && std::is_same_v<C, NoComm> && DeviceBalancer<B>::supported;
 
 }  // namespace cuda_detail
 
@@ -261,6 +490,10 @@ class CudaEngine {
                   "CudaBackend: balancers with a logit-space selection offset (Sinkhorn) are not supported on the GPU");
     static_assert(!detail::needs_sequence_stats<B>,
                   "CudaBackend: per-sequence balancing statistics are not supported on the GPU yet");
+    if constexpr (cuda_detail::device_balancing<B, C>) {
+      route_balanced(x, c, k, bal, training, out);
+      return;
+    }
     const index_t T = x.rows, E = x.cols;
     reserve(T, E);
     const float* bias = nullptr;
@@ -326,6 +559,13 @@ class CudaEngine {
   void backward_device(MatrixView<const L> x, const RoutingView& r, MatrixView<const float> dg, const RouterConfig& c,
                        const B& bal, bool training, MatrixView<float> dz) {
     DeviceAuxGradient aux;
+    if constexpr (cuda_detail::DeviceBalancer<B>::supported && detail::has_aux_loss<B>) {
+      if (dev_bal_) {  // route balanced on the device: the coefficients are formed there too
+        if (training) aux = device_coefficients(x.rows, x.cols, r, bal);
+        backward(x, r, dg, aux, c, dz);
+        return;
+      }
+    }
     if constexpr (detail::has_aux_loss<B>) {
       if (training) {
         const index_t E = x.cols;
@@ -349,8 +589,36 @@ class CudaEngine {
   /// step()); the next route uploads the new bias asynchronously.
   template <class B>
   void step_device(B& bal) {
+    if constexpr (cuda_detail::DeviceBalancer<B>::supported) {
+      if (dev_bal_) {
+        device_state(bal, dev_experts_).step(bal, stream_);
+        return;
+      }
+    }
     if constexpr (detail::has_step<B>) bal.step();
   }
+
+  // ---- device-side balancing (built-in balancers, no communicator) ----
+
+  /// The aux loss of the last training `route` with device-side balancing: a device float
+  /// (0 outside training), valid once the stream has reached that route. Read it after your
+  /// own synchronisation, e.g. cudaMemcpyAsync + cudaStreamSynchronize. Null before the first
+  /// such route.
+  [[nodiscard]] const float* aux_loss_device() const noexcept { return aux_loss_.data(); }
+
+  /// Copies the device-side balancer state (Loss-Free's b and pending counts, φ's m and
+  /// accumulators) into `bal` (synchronises). Router::save_state calls it; call it to read the
+  /// live state through router.balancer(). A no-op when the balancer runs on the host.
+  template <class B>
+  void download_state(B& bal) const {
+    if constexpr (cuda_detail::DeviceBalancer<B>::supported) {
+      if (dev_bal_ && dev_bal_ready_)
+        static_cast<const cuda_detail::DeviceBalancer<B>*>(dev_bal_.get())->download(bal, stream_);
+    }
+  }
+  /// Marks the device-side balancer state stale: the next call uploads it from the host
+  /// balancer (synchronously; Router::load_state calls it).
+  void invalidate_state() noexcept { dev_bal_ready_ = false; }
 
  private:
   struct Launch {
@@ -389,6 +657,71 @@ class CudaEngine {
         break;
     }
     MOEROUTE_CUDA_CHECK_LAUNCH();
+  }
+
+  /// The device image of `bal`, created and uploaded from the host balancer on first use
+  /// (and after invalidate_state).
+  template <class B>
+  cuda_detail::DeviceBalancer<B>& device_state(const B& bal, index_t E) {
+    if (!dev_bal_) {
+      dev_bal_ = std::make_shared<cuda_detail::DeviceBalancer<B>>();
+      dev_experts_ = E;
+    }
+    auto& d = *static_cast<cuda_detail::DeviceBalancer<B>*>(dev_bal_.get());
+    if (!dev_bal_ready_) {
+      d.upload(bal, E, stream_);
+      dev_bal_ready_ = true;
+    }
+    return d;
+  }
+
+  /// Router::route with device-side balancing: the bias, aux loss, coefficients and observe
+  /// are kernels reading the device statistics; nothing is copied to the host.
+  template <class B, LogitElement L>
+  void route_balanced(MatrixView<const L> x, const RouterConfig& c, index_t k, B& bal, bool training,
+                      RoutingView& out) {
+    const index_t T = x.rows, E = x.cols;
+    reserve(T, E);
+    aux_loss_.reserve(1);
+    auto& db = device_state(bal, E);
+    forward(x, c, k, out, db.bias(), cuda_detail::reads_lse<B>);
+    out.sequence_length = 0;
+    out.global_tokens = T;
+    out.global_lse_sq_sum = 0.0;  // on the device: lse_sq_sum_device()
+    out.aux_loss = 0.0f;          // on the device: aux_loss_device()
+    cuda_detail::balance_clear_kernel<<<1, 1, 0, stream_>>>(int(E), dprob_.data(), aux_loss_.data());
+    MOEROUTE_CUDA_CHECK_LAUNCH();
+    if (!training) return;
+    const cuda_detail::DeviceStats st = device_stats(out, T, E);
+    float dlse = 0.0f;
+    db.aux(bal, st, dprob_.data(), aux_loss_.data(), dlse, stream_);
+    db.observe(bal, st, stream_);
+  }
+
+  cuda_detail::DeviceStats device_stats(const RoutingView& r, index_t T, index_t E) const {
+    cuda_detail::DeviceStats st;
+    st.lse_sq = scalars_.data();
+    st.counts = r.global_counts.empty() ? r.counts.data() : r.global_counts.data();
+    st.prob_sums = r.global_prob_sums.empty() ? r.prob_sums.data() : r.global_prob_sums.data();
+    st.tokens = T;
+    st.E = int(E);
+    return st;
+  }
+
+  /// The balancers' ∂L/∂p and z-loss coefficients of `r`'s statistics, on the device.
+  template <class B>
+  DeviceAuxGradient device_coefficients(index_t T, index_t E, const RoutingView& r, const B& bal) {
+    reserve(T, E);
+    auto& db = device_state(bal, E);
+    const cuda_detail::DeviceStats st = device_stats(r, T, E);
+    cuda_detail::balance_clear_kernel<<<1, 1, 0, stream_>>>(int(E), dprob_.data(), nullptr);
+    MOEROUTE_CUDA_CHECK_LAUNCH();
+    DeviceAuxGradient aux;
+    float dlse = 0.0f;
+    db.aux(bal, st, dprob_.data(), nullptr, dlse, stream_);
+    if (cuda_detail::DeviceBalancer<B>::has_dprob && T > 0) aux.dprob = dprob_.data();
+    aux.dlse_sq = dlse;
+    return aux;
   }
 
   /// Copies n host floats to the device through a pinned staging buffer, asynchronously;
@@ -444,7 +777,11 @@ class CudaEngine {
   std::vector<float> host_bias_, host_dprob_, g_probs_;
   std::vector<std::int64_t> g_counts_, red_i64_;
   std::vector<double> red_f64_;
-  index_t g_tokens_ = 0, local_tokens_ = 0, top_k_ = 0;
+  index_t g_tokens_ = 0, local_tokens_ = 0, top_k_ = 0, dev_experts_ = 0;
+  // device-side balancing: the balancer's device image (its type is the Router's balancer)
+  std::shared_ptr<void> dev_bal_;
+  bool dev_bal_ready_ = false;
+  cuda_detail::DeviceArray<float> aux_loss_;
   double g_lse_sq_ = 0.0;
 };
 
