@@ -449,15 +449,15 @@ void run_balanced(const typename B::Config& bc, index_t T, index_t E, index_t k,
 }  // namespace
 
 TEST_CASE("emulated CUDA balancing: state, aux loss and gradients of the built-in balancers over several steps") {
-  run_balanced<LossFree<>>({}, 24, 16, 2, 3, 20);
-  run_balanced<LossFree<ProportionalStep>>({.update_rate = 1e-2f}, 24, 16, 2, 2, 29);
-  run_balanced<PhiBalancing<Entropy>>({}, 24, 16, 2, 3, 21);
-  run_balanced<PhiBalancing<Squared, NoMemory>>({.alpha = 1e-2f, .decay = 0.65f, .statistic = PhiStatistic::hard}, 24,
-                                                16, 2, 2, 22);
-  run_balanced<PhiBalancing<Power<3>>>({}, 20, 12, 3, 2, 23);
-  run_balanced<PhiBalancing<Tsallis<0.5>>>({}, 20, 12, 3, 2, 24);
-  run_balanced<SwitchAux>({}, 24, 16, 2, 2, 25);
-  run_balanced<ZLoss>({}, 24, 16, 2, 2, 26);
-  run_balanced<Balancers<LossFree<>, PhiBalancing<Entropy>, ZLoss>>({}, 24, 16, 2, 3, 27);
-  run_balanced<Balancers<LossFree<ProportionalStep>, SwitchAux>>({}, 24, 16, 2, 2, 28);
+  run_balanced<LossFree<>>({}, 16, 12, 2, 3, 20);
+  run_balanced<LossFree<ProportionalStep>>({.update_rate = 1e-2f}, 16, 12, 2, 2, 29);
+  run_balanced<PhiBalancing<Entropy>>({}, 16, 12, 2, 3, 21);
+  run_balanced<PhiBalancing<Squared, NoMemory>>({.alpha = 1e-2f, .decay = 0.65f, .statistic = PhiStatistic::hard}, 16,
+                                                12, 2, 2, 22);
+  run_balanced<PhiBalancing<Power<3>>>({}, 16, 12, 3, 2, 23);
+  run_balanced<PhiBalancing<Tsallis<0.5>>>({}, 16, 12, 3, 2, 24);
+  run_balanced<SwitchAux>({}, 16, 12, 2, 2, 25);
+  run_balanced<ZLoss>({}, 16, 12, 2, 2, 26);
+  run_balanced<Balancers<LossFree<>, PhiBalancing<Entropy>, ZLoss>>({}, 16, 12, 2, 3, 27);
+  run_balanced<Balancers<LossFree<ProportionalStep>, SwitchAux>>({}, 16, 12, 2, 2, 28);
 }
