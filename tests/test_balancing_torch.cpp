@@ -2,17 +2,11 @@
 // same losses written with torch ops: SwitchAux (global and per sequence), ZLoss, φ-balancing
 // (prices held constant, as in the paper) and a composition; softmax with renormalisation and
 // normalised sigmoid scores.
-// before doctest: libtorch's logging defines CHECK* macros of its own, which are dropped here
-#include <torch/torch.h>
-#undef CHECK
-#undef CHECK_EQ
-#undef CHECK_NE
-#undef CHECK_LE
-#undef CHECK_LT
-#undef CHECK_GE
-#undef CHECK_GT
-
+// libtorch before doctest (drops libtorch's CHECK* macros), so not sorted
+// clang-format off
+#include "torch_before_doctest.hpp"
 #include <doctest/doctest.h>
+// clang-format on
 
 #include <cmath>
 #include <moeroute/moeroute.hpp>

@@ -4,15 +4,8 @@
 // against central finite differences of that naive router and, where libtorch is found,
 // against PyTorch autograd.
 #ifdef MOEROUTE_HAVE_TORCH
-// before doctest: libtorch's logging defines CHECK* macros of its own, which are dropped here
-#include <torch/torch.h>
-#undef CHECK
-#undef CHECK_EQ
-#undef CHECK_NE
-#undef CHECK_LE
-#undef CHECK_LT
-#undef CHECK_GE
-#undef CHECK_GT
+// before doctest (drops libtorch's CHECK* macros)
+#include "torch_before_doctest.hpp"
 #endif
 
 #include <doctest/doctest.h>

@@ -2,16 +2,11 @@
 // autograd graph gives the outputs and gradients of the same policy written in plain libtorch
 // ops (softmax/sigmoid → topk → gather → renormalise → scale, Switch loss) and differentiated by
 // libtorch's autograd, to 1e-5.
-// libtorch first: c10 defines glog-style CHECK macros, which doctest's must replace
-#include <torch/torch.h>
-#undef CHECK
-#undef CHECK_EQ
-#undef CHECK_NE
-#undef CHECK_LT
-#undef CHECK_LE
-#undef CHECK_GT
-#undef CHECK_GE
+// libtorch before doctest (drops libtorch's CHECK* macros), so not sorted
+// clang-format off
+#include "torch_before_doctest.hpp"
 #include <doctest/doctest.h>
+// clang-format on
 
 #include <moeroute/balancing/switch_aux.hpp>
 #include <moeroute/router.hpp>
