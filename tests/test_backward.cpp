@@ -14,23 +14,12 @@
 #include <vector>
 
 #include "naive_router.hpp"
+#include "scoring_of.hpp"
 
 namespace mr = moeroute;
 using mr::index_t;
 
 namespace {
-
-template <class Sc>
-constexpr naive::Scoring scoring_of() {
-  if constexpr (std::is_same_v<Sc, mr::Softmax>)
-    return naive::Scoring::softmax;
-  else if constexpr (std::is_same_v<Sc, mr::Sigmoid>)
-    return naive::Scoring::sigmoid;
-  else if constexpr (std::is_same_v<Sc, mr::SqrtSoftplus>)
-    return naive::Scoring::sqrt_softplus;
-  else
-    return naive::Scoring::softmax_selected;
-}
 
 /// Logits whose values are a shuffled grid with spacing `span / E`, so that selection is
 /// decided by clear gaps and a small perturbation cannot change it.
@@ -77,7 +66,7 @@ void check_backward(const mr::RouterConfig& cfg, const std::vector<float>& zin, 
   naive::Spec sp;
   sp.experts = int(E);
   sp.k = int(k);
-  sp.scoring = scoring_of<Sc>();
+  sp.scoring = naive::scoring_of<Sc>();
   sp.renormalize = cfg.renormalize;
   sp.gamma = double(cfg.scaling);
   if constexpr (requires { Sel::groups; }) {
