@@ -214,11 +214,13 @@ class PhiBias {
   [[nodiscard]] std::span<const float> load_estimate() const noexcept { return inner_.load_estimate(); }
 
   void selection_bias(std::span<float> b) const {
-    const std::vector<float> q = inner_.prices();
+    // the prices q_e = ∇φ(m_e), computed twice rather than stored: no allocation per route
+    const std::span<const float> m = inner_.load_estimate();
+    const auto price = [](float me) { return float(Pot::gradient(me)); };
     double mean = 0.0;
-    for (float v : q) mean += double(v);
-    mean /= double(q.size());
-    for (std::size_t e = 0; e < q.size(); ++e) b[e] += float(-double(config_.tau) * (double(q[e]) - mean));
+    for (float me : m) mean += double(price(me));
+    mean /= double(m.size());
+    for (std::size_t e = 0; e < m.size(); ++e) b[e] += float(-double(config_.tau) * (double(price(m[e])) - mean));
   }
   void observe(const BalanceStats& s) { inner_.observe(s); }
   void step() { inner_.step(); }

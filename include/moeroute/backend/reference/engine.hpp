@@ -220,7 +220,9 @@ class ReferenceEngine {
     std::fill(out.counts.begin(), out.counts.end(), 0);
     std::fill(a.prob_sums.begin(), a.prob_sums.end(), 0.0);
     std::fill(out.seq_counts.begin(), out.seq_counts.end(), 0);
-    std::vector<double> seq_acc(a.seq_stats ? out.seq_prob_sums.size() : 0, 0.0);
+    // fp64 per-sequence accumulators, kept by the engine so steady shapes do not allocate
+    seq_acc_.assign(a.seq_stats ? out.seq_prob_sums.size() : 0, 0.0);
+    std::vector<double>& seq_acc = seq_acc_;
     double lse_sq = 0.0;
     const index_t seq_len = out.sequence_length > 0 ? out.sequence_length : std::max<index_t>(T, 1);
 
@@ -274,7 +276,8 @@ class ReferenceEngine {
                 const RouterConfig& c, MatrixView<float> dz) {
     const index_t T = x.rows, E = x.cols;
     row_buffers(E);
-    std::vector<float> dp(static_cast<std::size_t>(E));
+    dp_.assign(static_cast<std::size_t>(E), 0.0f);
+    std::vector<float>& dp = dp_;
     const index_t seq_len = aux.sequence_length > 0 ? aux.sequence_length : std::max<index_t>(T, 1);
     const bool has_seq = aux.any_dprob && !aux.dprob_seq.empty();
     if constexpr (Se::choice == ChoiceKind::expert) {
@@ -326,7 +329,8 @@ class ReferenceEngine {
       std::copy(s_.begin(), s_.end(), key_.begin());
     }
   }
-  std::vector<float> z_, s_, p_, key_, batch_, all_s_, all_key_;
+  std::vector<float> z_, s_, p_, key_, batch_, all_s_, all_key_, dp_;
+  std::vector<double> seq_acc_;
   std::vector<std::uint8_t> scratch_;
 };
 
