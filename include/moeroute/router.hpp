@@ -69,7 +69,9 @@ class Router {
   explicit Router(const RouterConfig& config, const typename Balancing::Config& balancing = {}, Comm comm = {})
       : config_(validated(config)), balancer_(config.num_experts, balancing), comm_(std::move(comm)) {}
 
+  /// The validated configuration.
   [[nodiscard]] const RouterConfig& config() const noexcept { return config_; }
+  /// E, the number of experts.
   [[nodiscard]] index_t num_experts() const noexcept { return config_.num_experts; }
   /// Token choice: k. Expert choice: not defined (see slots()).
   [[nodiscard]] index_t top_k() const noexcept
@@ -99,12 +101,22 @@ class Router {
   /// Training mode (default): aux losses are computed and `step` updates state. In
   /// evaluation mode routing uses the current state only.
   void set_training(bool on) noexcept { training_ = on; }
+  /// Whether the router is in training mode (see set_training).
   [[nodiscard]] bool training() const noexcept { return training_; }
 
+  /// The balancer (its state and config). With a device backend the live state is the
+  /// engine's; save_state() reads it back.
   [[nodiscard]] Balancing& balancer() noexcept { return balancer_; }
+  /// The balancer, read-only.
   [[nodiscard]] const Balancing& balancer() const noexcept { return balancer_; }
+  /// The communicator that reduces the statistics.
   [[nodiscard]] Comm& communicator() noexcept { return comm_; }
+  /// The communicator, read-only.
+  [[nodiscard]] const Comm& communicator() const noexcept { return comm_; }
+  /// The backend engine (its scratch buffers; for CudaBackend its stream and device state).
   [[nodiscard]] engine_type& engine() noexcept { return engine_; }
+  /// The backend engine, read-only.
+  [[nodiscard]] const engine_type& engine() const noexcept { return engine_; }
 
   /// Forward: routes the tokens of `logits` [T, E] into `out` (see RoutingView), computing
   /// counts, probability sums, their global reduction and the balancers' aux loss.
@@ -176,6 +188,7 @@ class Router {
   }
 
  public:
+  /// route() for a view of mutable logits (they are only read).
   template <LogitElement L>
   void route(MatrixView<L> logits, RoutingView& out)
     requires(!std::is_const_v<L>)
@@ -213,6 +226,7 @@ class Router {
     }
   }
 
+  /// backward() for a view of mutable logits (they are only read).
   template <LogitElement L>
   void backward(MatrixView<L> logits, const RoutingView& routing, MatrixView<const float> grad_gates,
                 MatrixView<float> grad_logits)
