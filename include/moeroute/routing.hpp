@@ -123,10 +123,10 @@ class RoutingBuffers {
 /// and optional per-sequence statistics. p is the scoring's balancing distribution (the
 /// softmax, or the normalised element-wise scores).
 struct BalanceStats {
-  index_t tokens = 0;   ///< global T
-  index_t experts = 0;  ///< E
-  index_t top_k = 0;    ///< k for token choice; 0 for expert choice (use `assignments`)
-  index_t assignments = 0;  ///< global number of assignments (T·k for token choice)
+  index_t tokens = 0;                    ///< global T
+  index_t experts = 0;                   ///< E
+  index_t top_k = 0;                     ///< k for token choice; 0 for expert choice (use `assignments`)
+  index_t assignments = 0;               ///< global number of assignments (T·k for token choice)
   std::span<const std::int64_t> counts;  ///< [E] global
   std::span<const float> prob_sums;      ///< [E] global Σ_t p_{t,e}
   double lse_sq_sum = 0.0;               ///< global Σ_t logsumexp(z_t)²
@@ -135,9 +135,7 @@ struct BalanceStats {
   std::span<const std::int64_t> seq_counts;  ///< [S, E] local sequences
   std::span<const float> seq_prob_sums;      ///< [S, E]
 
-  [[nodiscard]] index_t sequences() const noexcept {
-    return sequence_length > 0 ? local_tokens / sequence_length : 0;
-  }
+  [[nodiscard]] index_t sequences() const noexcept { return sequence_length > 0 ? local_tokens / sequence_length : 0; }
 };
 
 /// The gradient of the balancers' auxiliary losses, in a form every backend evaluates per

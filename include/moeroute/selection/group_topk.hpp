@@ -40,13 +40,11 @@ struct GroupTopK {
                     "GroupTopK needs the number of experts to divide into groups: num_experts = ", c.num_experts,
                     " is not a multiple of groups = ", Groups);
     const index_t per_group = c.num_experts / Groups;
-    detail::require(TopGroups * per_group >= K, "top_k", "GroupTopK cannot supply k = ", K, " experts from top_groups = ",
-                    TopGroups, " groups of ", per_group, " experts");
+    detail::require(TopGroups * per_group >= K, "top_k", "GroupTopK cannot supply k = ", K,
+                    " experts from top_groups = ", TopGroups, " groups of ", per_group, " experts");
   }
 
-  [[nodiscard]] static index_t scratch_bytes(index_t experts) noexcept {
-    return 2 * experts;
-  }
+  [[nodiscard]] static index_t scratch_bytes(index_t experts) noexcept { return 2 * experts; }
 
   /// Reference selection of one token.
   static void select_row(const float* key, index_t experts, index_t k, std::int32_t* ids, std::uint8_t* scratch) {
