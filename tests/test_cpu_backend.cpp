@@ -196,6 +196,46 @@ TEST_CASE("cpu backend: softmax top-k over E and k, all thread counts") {
   }
 }
 
+TEST_CASE("cpu backend: softmax rows taken two at a time (odd chunk lengths, a bad second row)") {
+  // the softmax forward interleaves the exps of token pairs: single tokens, odd batch sizes
+  // (an unpaired last row in a chunk) and E not a multiple of the register width
+  for (index_t E : {16, 64, 100}) {
+    for (index_t T : {1, 3, 129, 301}) {
+      CAPTURE(E);
+      CAPTURE(T);
+      mr::RouterConfig cfg;
+      cfg.num_experts = E;
+      cfg.top_k = 8;
+      compare<mr::TopKRuntime, mr::Softmax, mr::NoBalancing, float>(cfg, T, E, Kind::random, unsigned(E * 7 + T));
+    }
+  }
+  // a non-finite logit in the second row of a pair names that token, as the reference does
+  const index_t T = 300, E = 64;
+  mr::RouterConfig cfg;
+  cfg.num_experts = E;
+  cfg.top_k = 2;
+  std::vector<float> x(std::size_t(T * E), 0.25f);
+  x[std::size_t(141 * E + 5)] = -INFINITY;
+  mr::Router<mr::TopK<2>, mr::NoBalancing, mr::ReferenceBackend> ref(cfg);
+  mr::Router<mr::TopK<2>, mr::NoBalancing, mr::CpuBackend> cpu(cfg);
+  mr::RoutingBuffers b1, b2;
+  auto r1 = ref.make_output(b1, T);
+  auto r2 = cpu.make_output(b2, T);
+  std::string m1, m2;
+  try {
+    ref.route(mr::MatrixView<const float>(x.data(), T, E), r1);
+  } catch (const mr::non_finite_error& e) {
+    m1 = e.what();
+  }
+  try {
+    cpu.route(mr::MatrixView<const float>(x.data(), T, E), r2);
+  } catch (const mr::non_finite_error& e) {
+    m2 = e.what();
+  }
+  CHECK(m1.find("141") != std::string::npos);
+  CHECK(m1 == m2);
+}
+
 TEST_CASE("cpu backend: ties, huge logits, strides, renormalisation and scaling") {
   for (Kind kind : {Kind::ties, Kind::huge, Kind::mixed}) {
     for (index_t E : {7, 64, 257}) {

@@ -104,16 +104,23 @@ inline constexpr index_t topk_max_candidates = 64;
 /// into a candidate list, and each candidate's rank in the order (descending key, ascending
 /// index) is counted with vector compares: no data-dependent branches but the loop over
 /// candidates. Returns false (and writes nothing) when there are too many candidates.
-inline bool topk_bounded(const float* key, index_t n, index_t k, std::int32_t* ids) noexcept {
-  const index_t full = vec_end(n);
-  vf m0 = vf::load_unaligned(key), m1 = vf::load_unaligned(key + W);  // two chains of maxima
-  index_t b = 2 * W;
-  for (; b + W < full; b += 2 * W) {
-    m0 = xsimd::max(m0, vf::load_unaligned(key + b));
-    m1 = xsimd::max(m1, vf::load_unaligned(key + b + W));
+/// `lane_max`, when not null, is that lane-wise maximum already computed by the caller.
+inline bool topk_bounded(const float* key, index_t n, index_t k, std::int32_t* ids,
+                         const vf* lane_max = nullptr) noexcept {
+  vf vmax;
+  if (lane_max) {
+    vmax = *lane_max;
+  } else {
+    const index_t full = vec_end(n);
+    vf m0 = vf::load_unaligned(key), m1 = vf::load_unaligned(key + W);  // two chains of maxima
+    index_t b = 2 * W;
+    for (; b + W < full; b += 2 * W) {
+      m0 = xsimd::max(m0, vf::load_unaligned(key + b));
+      m1 = xsimd::max(m1, vf::load_unaligned(key + b + W));
+    }
+    for (; b < n; b += W) m0 = xsimd::max(m0, vf::load_unaligned(key + b));  // padding is -inf
+    vmax = xsimd::max(m0, m1);
   }
-  for (; b < n; b += W) m0 = xsimd::max(m0, vf::load_unaligned(key + b));  // padding is -inf
-  const vf vmax = xsimd::max(m0, m1);
   alignas(64) float lane[W];
   vmax.store_aligned(lane);
   // θ = the k-th largest lane maximum = the smallest of the lanes with fewer than k above them
@@ -156,24 +163,30 @@ inline bool topk_bounded(const float* key, index_t n, index_t k, std::int32_t* i
 /// Top-k of one row of keys: descending key, ties to the lower expert index, exactly as the
 /// reference's k passes of strict comparisons. `key` must be readable (and -inf) up to a
 /// whole register past n.
-inline void topk_row(const float* key, index_t n, index_t k, std::int32_t* ids) noexcept {
+/// `lane_max` (SIMD builds): the row's lane-wise key maximum if the caller has it, or null.
+inline void topk_row(const float* key, index_t n, index_t k, std::int32_t* ids,
+                     [[maybe_unused]] const void* lane_max = nullptr) noexcept {
 #if MOEROUTE_CPU_SIMD
-  if (k <= W && n >= 2 * W && topk_bounded(key, n, k, ids)) return;
+  if (k <= W && n >= 2 * W && topk_bounded(key, n, k, ids, static_cast<const vf*>(lane_max))) return;
 #endif
   topk_insertion(key, n, k, ids);
 }
 
 /// Per-thread row scratch (each work item uses it from start to end on one thread).
 struct RowScratch {
-  std::vector<float> z, s, p, key, ds, dp, gkey;
+  std::vector<float> z, s, p, key, ds, dp, gkey, z2, s2;  // z2, s2: the second row of a pair
   std::vector<std::int32_t> gmap;
+#if MOEROUTE_CPU_SIMD
+  vf smax;  ///< lane-wise maximum of s, valid while have_smax (set by score_row)
+#endif
+  bool have_smax = false;
   void reserve(index_t E) {
     const index_t n = padded(E);
-    for (auto* v : {&z, &s, &p, &key, &ds, &dp, &gkey})
+    for (auto* v : {&z, &s, &p, &key, &ds, &dp, &gkey, &z2, &s2})
       if (index_t(v->size()) < n) v->resize(std::size_t(n));
     if (index_t(gmap.size()) < E) gmap.resize(std::size_t(E));
     // keys read past E must lose every comparison
-    for (auto* v : {&z, &s, &key, &gkey}) std::fill(v->begin() + E, v->begin() + n, -INFINITY);
+    for (auto* v : {&z, &s, &key, &gkey, &z2, &s2}) std::fill(v->begin() + E, v->begin() + n, -INFINITY);
   }
 };
 inline RowScratch& row_scratch() {
@@ -183,14 +196,26 @@ inline RowScratch& row_scratch() {
 
 /// Scores s, balancing distribution p (may alias s) and the logsumexp of a row whose fp32
 /// logits are in z (max m). Returns lse; sets *pout to p; adds p to `acc` (fp64) if not null.
+/// `s_out` (softmax forms): where the scores go instead of r.s; `esum` (softmax): the row's
+/// exps are already in s_out and this is their canonical sum.
 template <ScoringPolicy Sc>
 inline float score_row(const float* z, index_t E, float m, RowScratch& r, const float** pout, double* acc,
-                       bool need_lse = true) {
-  float* s = r.s.data();
+                       bool need_lse = true, float* s_out = nullptr, const double* esum = nullptr) {
+  float* s = s_out ? s_out : r.s.data();
   float* p = r.p.data();
+  r.have_smax = false;
   if constexpr (Sc::form == ScoreForm::softmax) {
-    const float fsum = float(exp_sum(z, E, m, s));
+    const float fsum = float(esum ? *esum : exp_sum(z, E, m, s));
+#if MOEROUTE_CPU_SIMD
+    if (E % W == 0) {  // the top-k threshold's lane maxima come free with the scaling pass
+      r.smax = scale_lane_max(s, E, 1.0f / fsum, acc);
+      r.have_smax = true;
+    } else {
+      scale(s, E, 1.0f / fsum, acc);
+    }
+#else
     scale(s, E, 1.0f / fsum, acc);
+#endif
     *pout = s;
     return need_lse ? m + log_f32(fsum) : 0.0f;
   } else if constexpr (Sc::form == ScoreForm::softmax_selected) {
@@ -307,9 +332,11 @@ class CpuEngine {
   }
 
   /// Chooses the k experts of one token from its keys.
-  static void select(const float* key, index_t E, index_t k, std::int32_t* ids, cpu::RowScratch& r) {
+  /// `lane_max`: the keys' lane-wise maximum when known (TopK only), or null.
+  static void select(const float* key, index_t E, index_t k, std::int32_t* ids, cpu::RowScratch& r,
+                     [[maybe_unused]] const void* lane_max = nullptr) {
     if constexpr (kind == 1) {
-      cpu::topk_row(key, E, k, ids);
+      cpu::topk_row(key, E, k, ids, lane_max);
     } else {
       constexpr index_t G = Se::groups, TG = Se::top_groups;
       const index_t pg = E / G;
@@ -363,20 +390,19 @@ class CpuEngine {
       double* acc = acc_.data() + ci * E;
       std::int32_t* cnt = cnt_.data() + ci * E;
       double lse_sq = 0.0;
-      for (index_t t = starts_[std::size_t(ci)]; t < starts_[std::size_t(ci) + 1]; ++t) {
-        bool bad = false;
-        float* z = r.z.data();
-        const float m = cpu::load_row(x.row_ptr(t), E, c.non_finite, z, bad);
-        if (bad) {
-          bad_[std::size_t(ci)] = 1;
-          return;
-        }
+      // everything after the row's exp sum: scores, key, selection, gates, counts. `esum`: the
+      // row's exps are already in sbuf with this canonical sum (null: compute them here).
+      auto finish_row = [&](index_t t, float* z, float m, float* sbuf, const double* esum) {
         const float* p = nullptr;
-        const float lse = cpu::score_row<Sc>(z, E, m, r, &p, acc);
+        const float lse = cpu::score_row<Sc>(z, E, m, r, &p, acc, true, sbuf, esum);
         lse_sq += double(lse) * lse;
         // the selection key and the scores the gates are taken from
-        const float* s = Sc::form == ScoreForm::softmax_selected ? z : r.s.data();
+        const float* s = Sc::form == ScoreForm::softmax_selected ? z : sbuf;
         const float* key = s;
+        const void* lane_max = nullptr;  // the keys are s: score_row's lane maxima apply
+#if MOEROUTE_CPU_SIMD
+        if (r.have_smax && !offset && !bias) lane_max = &r.smax;
+#endif
         if (offset) {
           cpu::add(z, offset, E, r.key.data());
           key = r.key.data();
@@ -385,9 +411,40 @@ class CpuEngine {
           key = r.key.data();
         }
         std::int32_t* ids = out.ids.data() + t * k;
-        select(key, E, k, ids, r);
+        select(key, E, k, ids, r, lane_max);
         reference_gates_row<Sc>(s, ids, k, c, out.gates.data() + t * k);
         for (index_t j = 0; j < k; ++j) ++cnt[ids[j]];
+      };
+      const index_t t1 = starts_[std::size_t(ci) + 1];
+      for (index_t t = starts_[std::size_t(ci)]; t < t1;) {
+        bool bad = false;
+        float* z = r.z.data();
+        const float m = cpu::load_row(x.row_ptr(t), E, c.non_finite, z, bad);
+        if (bad) {
+          bad_[std::size_t(ci)] = 1;
+          return;
+        }
+        if constexpr (Sc::form == ScoreForm::softmax) {
+          // two rows at a time: the canonical fp64 sum is a serial chain of adds per row, so
+          // the exps of two rows are interleaved to overlap their chains (results unchanged:
+          // each row's own order of operations is kept)
+          if (t + 1 < t1) {
+            float* z2 = r.z2.data();
+            const float m2 = cpu::load_row(x.row_ptr(t + 1), E, c.non_finite, z2, bad);
+            if (bad) {
+              bad_[std::size_t(ci)] = 1;
+              return;
+            }
+            double sum1 = 0.0, sum2 = 0.0;
+            cpu::exp_sum2(z, m, r.s.data(), sum1, z2, m2, r.s2.data(), sum2, E);
+            finish_row(t, z, m, r.s.data(), &sum1);
+            finish_row(t + 1, z2, m2, r.s2.data(), &sum2);
+            t += 2;
+            continue;
+          }
+        }
+        finish_row(t, z, m, r.s.data(), nullptr);
+        ++t;
       }
       lse_[std::size_t(ci)] = lse_sq;
     });

@@ -350,6 +350,35 @@ inline double exp_sum(const float* z, index_t n, float m, float* out) noexcept {
   return combine_lanes(lanes);
 }
 
+/// exp_sum() of two rows of n at once, with results identical to two exp_sum() calls: each
+/// row's canonical fp64 sum is a serial chain of adds, and interleaving two rows overlaps
+/// their chains.
+inline void exp_sum2(const float* z1, float m1, float* out1, double& sum1, const float* z2, float m2, float* out2,
+                     double& sum2, index_t n) noexcept {
+#if MOEROUTE_CPU_SIMD
+  if (n % W == 0) {
+    CanonicalAcc a1, a2;
+    const vf vm1(m1), vm2(m2);
+    for (index_t i = 0; i < n; i += W) {
+      const vf e1 = cpu::exp<true>(vf::load_unaligned(z1 + i) - vm1);
+      const vf e2 = cpu::exp<true>(vf::load_unaligned(z2 + i) - vm2);
+      e1.store_unaligned(out1 + i);
+      e2.store_unaligned(out2 + i);
+      a1.add(e1);
+      a2.add(e2);
+    }
+    double l1[canonical_lanes], l2[canonical_lanes];
+    a1.store(l1);
+    a2.store(l2);
+    sum1 = combine_lanes(l1);
+    sum2 = combine_lanes(l2);
+    return;
+  }
+#endif
+  sum1 = exp_sum(z1, n, m1, out1);
+  sum2 = exp_sum(z2, n, m2, out2);
+}
+
 /// canonical_sum(x, n) with registers.
 inline double canonical_sum_simd(const float* x, index_t n) noexcept {
   double lanes[canonical_lanes] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -400,6 +429,33 @@ inline void scale(float* x, index_t n, float c, double* acc = nullptr) noexcept 
 #endif
   for (; i < n; ++i) x[i] *= c;
 }
+
+#if MOEROUTE_CPU_SIMD
+/// scale() for n a multiple of W that also returns the lane-wise maximum of the scaled row
+/// (lane l: the max over x[l], x[l + W], ...), so top-k need not read the row again for it.
+inline vf scale_lane_max(float* x, index_t n, float c, double* acc) noexcept {
+  vf m0(-INFINITY), m1(-INFINITY);  // two chains of maxima
+  index_t i = 0;
+  for (; i + W < n; i += 2 * W) {
+    const vf a = vf::load_unaligned(x + i) * vf(c), b = vf::load_unaligned(x + i + W) * vf(c);
+    a.store_unaligned(x + i);
+    b.store_unaligned(x + i + W);
+    if (acc) {
+      add_f64(acc + i, a);
+      add_f64(acc + i + W, b);
+    }
+    m0 = xsimd::max(m0, a);
+    m1 = xsimd::max(m1, b);
+  }
+  for (; i < n; i += W) {
+    const vf a = vf::load_unaligned(x + i) * vf(c);
+    a.store_unaligned(x + i);
+    if (acc) add_f64(acc + i, a);
+    m0 = xsimd::max(m0, a);
+  }
+  return xsimd::max(m0, m1);
+}
+#endif
 
 /// out[i] = a[i] + b[i].
 inline void add(const float* a, const float* b, index_t n, float* out) noexcept {
