@@ -50,20 +50,37 @@ inline int cuda_device_count() noexcept {
 
 namespace cuda_detail {
 
-/// Device memory that only grows: reserve(n) reallocates when n exceeds the capacity (the
-/// old contents are dropped), otherwise it is a no-op. Reallocation frees and allocates,
-/// which is not allowed inside CUDA-graph capture: reserve before capturing.
-template <class T>
-class DeviceArray {
+/// Where a GrowOnlyArray's memory lives.
+struct DeviceMemory {
+  template <class T>
+  static void allocate(T** p, std::size_t n) {
+    MOEROUTE_CUDA_CHECK(cudaMalloc(p, n * sizeof(T)));
+  }
+  static void free(void* p) noexcept { (void)cudaFree(p); }
+};
+/// Page-locked host memory, so that asynchronous copies are truly asynchronous.
+struct PinnedHostMemory {
+  template <class T>
+  static void allocate(T** p, std::size_t n) {
+    MOEROUTE_CUDA_CHECK(cudaMallocHost(p, n * sizeof(T)));
+  }
+  static void free(void* p) noexcept { (void)cudaFreeHost(p); }
+};
+
+/// Memory that only grows: reserve(n) reallocates when n exceeds the capacity (the old
+/// contents are dropped), otherwise it is a no-op. Reallocation frees and allocates, which is
+/// not allowed inside CUDA-graph capture: reserve before capturing.
+template <class T, class Memory>
+class GrowOnlyArray {
  public:
-  DeviceArray() = default;
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
-  DeviceArray(DeviceArray&& o) noexcept : p_(o.p_), n_(o.n_) {
+  GrowOnlyArray() = default;
+  GrowOnlyArray(const GrowOnlyArray&) = delete;
+  GrowOnlyArray& operator=(const GrowOnlyArray&) = delete;
+  GrowOnlyArray(GrowOnlyArray&& o) noexcept : p_(o.p_), n_(o.n_) {
     o.p_ = nullptr;
     o.n_ = 0;
   }
-  DeviceArray& operator=(DeviceArray&& o) noexcept {
+  GrowOnlyArray& operator=(GrowOnlyArray&& o) noexcept {
     if (this != &o) {
       release();
       p_ = o.p_;
@@ -73,12 +90,12 @@ class DeviceArray {
     }
     return *this;
   }
-  ~DeviceArray() { release(); }
+  ~GrowOnlyArray() { release(); }
 
   void reserve(std::size_t n) {
     if (n <= n_) return;
     release();
-    MOEROUTE_CUDA_CHECK(cudaMalloc(&p_, n * sizeof(T)));
+    Memory::allocate(&p_, n);
     n_ = n;
   }
   [[nodiscard]] T* data() const noexcept { return p_; }
@@ -86,7 +103,7 @@ class DeviceArray {
 
  private:
   void release() noexcept {
-    if (p_) (void)cudaFree(p_);
+    if (p_) Memory::free(p_);
     p_ = nullptr;
     n_ = 0;
   }
@@ -94,45 +111,12 @@ class DeviceArray {
   std::size_t n_ = 0;
 };
 
-/// Page-locked host memory (so asynchronous copies are truly asynchronous), grow-only.
+/// Grow-only device memory.
 template <class T>
-class PinnedArray {
- public:
-  PinnedArray() = default;
-  PinnedArray(const PinnedArray&) = delete;
-  PinnedArray& operator=(const PinnedArray&) = delete;
-  PinnedArray(PinnedArray&& o) noexcept : p_(o.p_), n_(o.n_) {
-    o.p_ = nullptr;
-    o.n_ = 0;
-  }
-  PinnedArray& operator=(PinnedArray&& o) noexcept {
-    if (this != &o) {
-      release();
-      p_ = o.p_;
-      n_ = o.n_;
-      o.p_ = nullptr;
-      o.n_ = 0;
-    }
-    return *this;
-  }
-  ~PinnedArray() { release(); }
-  void reserve(std::size_t n) {
-    if (n <= n_) return;
-    release();
-    MOEROUTE_CUDA_CHECK(cudaMallocHost(&p_, n * sizeof(T)));
-    n_ = n;
-  }
-  [[nodiscard]] T* data() const noexcept { return p_; }
-
- private:
-  void release() noexcept {
-    if (p_) (void)cudaFreeHost(p_);
-    p_ = nullptr;
-    n_ = 0;
-  }
-  T* p_ = nullptr;
-  std::size_t n_ = 0;
-};
+using DeviceArray = GrowOnlyArray<T, DeviceMemory>;
+/// Grow-only page-locked host memory.
+template <class T>
+using PinnedArray = GrowOnlyArray<T, PinnedHostMemory>;
 
 }  // namespace cuda_detail
 }  // namespace moeroute
