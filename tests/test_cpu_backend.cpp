@@ -156,6 +156,18 @@ void compare(const mr::RouterConfig& cfg, index_t T, index_t stride, Kind kind, 
 
 }  // namespace
 
+/// The message of the non_finite_error that routing `x` [T, E] throws ("" when none).
+template <class RouterT>
+std::string non_finite_message(RouterT& router, const std::vector<float>& x, mr::index_t T, mr::index_t E,
+                               mr::RoutingView& out) {
+  try {
+    router.route(mr::MatrixView<const float>(x.data(), T, E), out);
+  } catch (const mr::non_finite_error& e) {
+    return e.what();
+  }
+  return {};
+}
+
 TEST_CASE("cpu backend: instruction set") {
   std::printf("CpuBackend kernels: %s (%d fp32 lanes)\n", mr::detail::cpu::simd_name, int(mr::detail::cpu::W));
   CHECK(mr::detail::cpu::W >= 1);
@@ -221,17 +233,8 @@ TEST_CASE("cpu backend: softmax rows taken two at a time (odd chunk lengths, a b
   mr::RoutingBuffers b1, b2;
   auto r1 = ref.make_output(b1, T);
   auto r2 = cpu.make_output(b2, T);
-  std::string m1, m2;
-  try {
-    ref.route(mr::MatrixView<const float>(x.data(), T, E), r1);
-  } catch (const mr::non_finite_error& e) {
-    m1 = e.what();
-  }
-  try {
-    cpu.route(mr::MatrixView<const float>(x.data(), T, E), r2);
-  } catch (const mr::non_finite_error& e) {
-    m2 = e.what();
-  }
+  const std::string m1 = non_finite_message(ref, x, T, E, r1);
+  const std::string m2 = non_finite_message(cpu, x, T, E, r2);
   CHECK(m1.find("141") != std::string::npos);
   CHECK(m1 == m2);
 }
@@ -320,17 +323,8 @@ TEST_CASE("cpu backend: NaN as -inf, and the reference's error for a non-finite 
   x.assign(std::size_t(T * E), 0.5f);
   x[std::size_t(250 * E + 4)] = INFINITY;  // a later chunk fails first in wall-clock order too
   x[std::size_t(140 * E + 30)] = NAN;      // the first bad token
-  std::string m1, m2;
-  try {
-    ref2.route(mr::MatrixView<const float>(x.data(), T, E), r1);
-  } catch (const mr::non_finite_error& e) {
-    m1 = e.what();
-  }
-  try {
-    cpu2.route(mr::MatrixView<const float>(x.data(), T, E), r2);
-  } catch (const mr::non_finite_error& e) {
-    m2 = e.what();
-  }
+  const std::string m1 = non_finite_message(ref2, x, T, E, r1);
+  const std::string m2 = non_finite_message(cpu2, x, T, E, r2);
   CHECK(!m1.empty());
   CHECK(m1 == m2);
   CHECK_THROWS_AS(cpu2.engine().set_threads(0), mr::invalid_argument);
