@@ -9,6 +9,8 @@
 #include <doctest/doctest.h>
 #include <nccl.h>
 
+#include "distributed_fixtures.hpp"
+
 #include <cstring>
 #include <moeroute/balancing/compose.hpp>
 #include <moeroute/balancing/loss_free.hpp>
@@ -36,22 +38,6 @@ int gpu_count() {
     return 0;
   }
   return n;
-}
-
-std::vector<float> logits_for(index_t T, index_t E, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> normal(0.0f, 1.5f);
-  std::vector<float> z(std::size_t(T * E));
-  for (index_t t = 0; t < T; ++t)
-    for (index_t e = 0; e < E; ++e) z[std::size_t(t * E + e)] = normal(rng) + 0.15f * float(e);
-  return z;
-}
-
-template <class B>
-std::vector<std::byte> state_image(const B& b) {
-  mr::StateWriter w;
-  if constexpr (requires { b.save(w); }) b.save(w);
-  return w.bytes();
 }
 
 bool same(std::span<const float> a, std::span<const float> b) {
@@ -121,7 +107,7 @@ TEST_CASE("NcclComm: one rank reduces host and device buffers, and routes like N
     mr::Router<mr::TopK<2>, mr::PhiBalancing<mr::Entropy>> b({.num_experts = E, .renormalize = true});
     mr::RoutingBuffers ba, bb;
     for (int s = 0; s < 3; ++s) {
-      const auto z = logits_for(T, E, 10u + unsigned(s));
+      const auto z = fixtures::skewed_logits(T, E, 10u + unsigned(s));
       mr::RoutingView ra = a.make_output(ba, T), rb = b.make_output(bb, T);
       a.route(mr::MatrixView<const float>(z.data(), T, E), ra);
       b.route(mr::MatrixView<const float>(z.data(), T, E), rb);
@@ -130,12 +116,12 @@ TEST_CASE("NcclComm: one rank reduces host and device buffers, and routes like N
       CHECK(ra.aux_loss == rb.aux_loss);
       a.step();
       b.step();
-      CHECK(state_image(a.balancer()) == state_image(b.balancer()));
+      CHECK(fixtures::state_image(a.balancer()) == fixtures::state_image(b.balancer()));
     }
   }
   {
     NcclRouter snippet = make_router(raw, stream);
-    const auto z = logits_for(32, 64, 3u);
+    const auto z = fixtures::skewed_logits(32, 64, 3u);
     mr::RoutingBuffers buf;
     mr::RoutingView v = snippet.make_output(buf, 32);
     snippet.route(mr::MatrixView<const float>(z.data(), 32, 64), v);
@@ -179,14 +165,14 @@ TEST_CASE("NcclComm: two ranks over the halves of a batch equal one process over
         Dist router(cfg, bcfg, mr::NcclComm(comms[r], stream));
         mr::RoutingBuffers buf;
         for (int s = 0; s < steps; ++s) {
-          const auto z = logits_for(T, E, 50u + unsigned(s));
+          const auto z = fixtures::skewed_logits(T, E, 50u + unsigned(s));
           mr::RoutingView v = router.make_output(buf, Tl);
           router.route(mr::MatrixView<const float>(z.data() + r * Tl * E, Tl, E), v);
           router.step();
           seen[r].probs.emplace_back(v.global_prob_sums.begin(), v.global_prob_sums.end());
           seen[r].counts.emplace_back(v.global_counts.begin(), v.global_counts.end());
           seen[r].aux.push_back(v.aux_loss);
-          seen[r].state.push_back(state_image(router.balancer()));
+          seen[r].state.push_back(fixtures::state_image(router.balancer()));
         }
       }
       cudaStreamDestroy(stream);
@@ -206,7 +192,7 @@ TEST_CASE("NcclComm: two ranks over the halves of a batch equal one process over
   mr::RoutingBuffers buf;
   for (int s = 0; s < steps; ++s) {
     CAPTURE(s);
-    const auto z = logits_for(T, E, 50u + unsigned(s));
+    const auto z = fixtures::skewed_logits(T, E, 50u + unsigned(s));
     mr::RoutingView v = whole.make_output(buf, T);
     whole.route(mr::MatrixView<const float>(z.data(), T, E), v);
     whole.step();
@@ -215,7 +201,7 @@ TEST_CASE("NcclComm: two ranks over the halves of a batch equal one process over
       CHECK(same(seen[r].probs[std::size_t(s)], v.global_prob_sums));
       CHECK(std::equal(v.global_counts.begin(), v.global_counts.end(), seen[r].counts[std::size_t(s)].begin()));
       CHECK(seen[r].aux[std::size_t(s)] == v.aux_loss);
-      CHECK(seen[r].state[std::size_t(s)] == state_image(whole.balancer()));
+      CHECK(seen[r].state[std::size_t(s)] == fixtures::state_image(whole.balancer()));
     }
   }
 }

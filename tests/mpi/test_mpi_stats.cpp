@@ -9,6 +9,8 @@
 #include <doctest/doctest.h>
 #include <mpi.h>
 
+#include "../distributed_fixtures.hpp"
+
 #include <cstdint>
 #include <cstring>
 #include <moeroute/comm/mpi.hpp>
@@ -35,16 +37,6 @@ int world_size() {
 bool same_bits(float a, float b) { return std::memcmp(&a, &b, sizeof a) == 0; }
 bool same_bits(double a, double b) { return std::memcmp(&a, &b, sizeof a) == 0; }
 
-/// A skewed batch: expert e gets a mean logit that grows with e, so balancing has work to do.
-std::vector<float> skewed_logits(index_t T, index_t E, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> normal(0.0f, 1.5f);
-  std::vector<float> z(std::size_t(T * E));
-  for (index_t t = 0; t < T; ++t)
-    for (index_t e = 0; e < E; ++e) z[std::size_t(t * E + e)] = normal(rng) + 0.15f * float(e);
-  return z;
-}
-
 std::vector<float> random_grad(index_t n, unsigned seed) {
   std::mt19937 rng(seed);
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
@@ -53,14 +45,8 @@ std::vector<float> random_grad(index_t n, unsigned seed) {
   return g;
 }
 
-/// Byte image of a balancer's state through its save() hook (empty when it has none): equal
-/// images mean bit-identical state.
-template <class B>
-std::vector<std::byte> state_image(const B& b) {
-  mr::StateWriter w;
-  if constexpr (requires { b.save(w); }) b.save(w);
-  return w.bytes();
-}
+using fixtures::skewed_logits;
+using fixtures::state_image;
 
 struct Mismatches {
   int global_counts = 0, global_prob_sums = 0, ids = 0, gates = 0, grads = 0;
