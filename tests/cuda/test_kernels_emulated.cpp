@@ -43,6 +43,24 @@ struct Fixed {
 
 namespace {
 
+/// Backward parameters for contiguous host buffers: logits x [T, E], ids and dg [T, k], dz [T, E].
+template <class L>
+cd::BackwardParams<L> contiguous_backward_params(const L* x, index_t T, index_t E, index_t k,
+                                                 const std::int32_t* ids, const float* dg, float* dz) {
+  cd::BackwardParams<L> P;
+  P.x = x;
+  P.stride = E;
+  P.T = int(T);
+  P.E = int(E);
+  P.k = int(k);
+  P.ids = ids;
+  P.dg = dg;
+  P.dg_stride = k;
+  P.dz = dz;
+  P.dz_stride = E;
+  return P;
+}
+
 template <class Sc, class L, int VPT>
 void run(index_t T, index_t E, index_t k, bool renorm, float scaling, bool use_bias, bool use_aux, unsigned seed) {
   CAPTURE(T);
@@ -132,21 +150,11 @@ void run(index_t T, index_t E, index_t k, bool renorm, float scaling, bool use_b
   for (auto& v : dg) v = nd(rng);
   ref.backward(MatrixView<const L>(x.data(), T, E), rv, MatrixView<const float>(dg.data(), T, k),
                MatrixView<float>(dz_ref.data(), T, E));
-  cd::BackwardParams<L> B;
-  B.x = x.data();
-  B.stride = E;
-  B.T = int(T);
-  B.E = int(E);
-  B.k = int(k);
-  B.ids = ids.data();
-  B.dg = dg.data();
-  B.dg_stride = k;
+  cd::BackwardParams<L> B = contiguous_backward_params(x.data(), T, E, k, ids.data(), dg.data(), dz.data());
   B.renormalize = renorm;
   B.scaling = scaling;
   B.dprob = use_aux ? fc.dprob.data() : nullptr;
   B.dlse_sq = use_aux ? fc.dlse : 0.0f;
-  B.dz = dz.data();
-  B.dz_stride = E;
   emu::launch(dim3(unsigned((T + 1) / 2)), dim3(64), 0, [&] { cd::route_backward_kernel<Sc, L, VPT>(B); });
   nbad = 0;
   for (index_t t = 0; t < T; ++t) {
@@ -421,19 +429,10 @@ void run_balanced(const typename B::Config& bc, index_t T, index_t E, index_t k,
       std::vector<float> dz_ref(static_cast<std::size_t>(T * E)), dz(dz_ref.size());
       ref.backward(MatrixView<const float>(x.data(), T, E), rv, MatrixView<const float>(dg.data(), T, k),
                    MatrixView<float>(dz_ref.data(), T, E));
-      cd::BackwardParams<float> Bp;
-      Bp.x = x.data();
-      Bp.stride = E;
-      Bp.T = int(T);
-      Bp.E = int(E);
-      Bp.k = int(k);
-      Bp.ids = ids.data();
-      Bp.dg = dg.data();
-      Bp.dg_stride = k;
+      cd::BackwardParams<float> Bp =
+          contiguous_backward_params(x.data(), T, E, k, ids.data(), dg.data(), dz.data());
       Bp.dprob = g.any_dprob ? dprob.data() : nullptr;
       Bp.dlse_sq = dlse;
-      Bp.dz = dz.data();
-      Bp.dz_stride = E;
       emu::launch(dim3(unsigned(T)), dim3(32), 0, [&] { cd::route_backward_kernel<Softmax, float, 4>(Bp); });
       nbad = 0;
       for (std::size_t i = 0; i < dz.size(); ++i)
