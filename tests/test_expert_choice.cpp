@@ -9,6 +9,7 @@
 #include <moeroute/moeroute.hpp>
 #include <numeric>
 #include <random>
+#include <span>
 #include <vector>
 
 using namespace moeroute;
@@ -122,6 +123,75 @@ TEST_CASE("ExpertChoice: forward equals a naive fp64 expert choice on random inp
       for (index_t t = 0; t < T; ++t) p += s[std::size_t(t * E + e)];
       CHECK(out.prob_sums[std::size_t(e)] == doctest::Approx(p).epsilon(1e-5));
     }
+  }
+}
+
+namespace {
+// A user-written expert-choice policy meets SelectionPolicy only with the scratch argument.
+struct UserChoiceWithScratch {
+  static constexpr ChoiceKind choice = ChoiceKind::expert;
+  static constexpr const char* name = "user";
+  static void validate(const RouterConfig&) {}
+  static index_t capacity(index_t, index_t, const RouterConfig&) { return 1; }
+  static void select_batch(MatrixView<const float>, index_t, MatrixView<std::int32_t>, std::span<std::int32_t>) {}
+};
+struct UserChoiceWithoutScratch {
+  static constexpr ChoiceKind choice = ChoiceKind::expert;
+  static constexpr const char* name = "user";
+  static void validate(const RouterConfig&) {}
+  static index_t capacity(index_t, index_t, const RouterConfig&) { return 1; }
+  static void select_batch(MatrixView<const float>, index_t, MatrixView<std::int32_t>) {}
+};
+static_assert(SelectionPolicy<ExpertChoice>);
+static_assert(SelectionPolicy<UserChoiceWithScratch>);
+static_assert(!SelectionPolicy<UserChoiceWithoutScratch>);
+}  // namespace
+
+TEST_CASE("ExpertChoice::select_batch: works in the caller's scratch, rejects a short one") {
+  const index_t E = 6, C = 4;
+  // one scratch reused across batches of different sizes, with stale contents each time
+  std::vector<std::int32_t> scratch(40, 12345);
+  for (auto [T, seed] : {std::pair{40, 31u}, std::pair{9, 32u}, std::pair{3, 33u}, std::pair{25, 34u}}) {
+    CAPTURE(T);
+    const auto keys = random_logits(T, E, seed);
+    std::vector<std::int32_t> ids(static_cast<std::size_t>(E * C), 99);
+    ExpertChoice::select_batch(MatrixView<const float>(keys.data(), T, E), C,
+                               MatrixView<std::int32_t>(ids.data(), E, C), std::span<std::int32_t>(scratch));
+    const std::vector<double> kd(keys.begin(), keys.end());
+    CHECK(ids == naive_expert_choice(kd, T, E, C));
+    std::fill(scratch.begin(), scratch.end(), -7);
+  }
+
+  // T - 1 entries: rejected, naming the argument, before anything is written
+  const index_t T = 10;
+  const auto keys = random_logits(T, E, 35);
+  std::vector<std::int32_t> ids(static_cast<std::size_t>(E * C), 99);
+  std::vector<std::int32_t> short_scratch(static_cast<std::size_t>(T - 1));
+  try {
+    ExpertChoice::select_batch(MatrixView<const float>(keys.data(), T, E), C,
+                               MatrixView<std::int32_t>(ids.data(), E, C), std::span<std::int32_t>(short_scratch));
+    FAIL("accepted a scratch shorter than T");
+  } catch (const invalid_argument& e) {
+    CHECK(e.argument() == "scratch");
+    MESSAGE(std::string(e.what()));
+  }
+  CHECK(std::all_of(ids.begin(), ids.end(), [](std::int32_t v) { return v == 99; }));
+}
+
+TEST_CASE("ExpertChoice: a router reusing its scratch over growing and shrinking batches equals fresh routers") {
+  const index_t E = 8;
+  Router<ExpertChoice> reused(config(E, 1.5f));
+  for (auto [T, seed] : {std::pair{17, 41u}, std::pair{64, 42u}, std::pair{5, 43u}, std::pair{33, 44u}}) {
+    CAPTURE(T);
+    const auto z = random_logits(T, E, seed);
+    Router<ExpertChoice> fresh(config(E, 1.5f));
+    RoutingBuffers b1, b2;
+    RoutingView o1 = reused.make_output(b1, T), o2 = fresh.make_output(b2, T);
+    reused.route(MatrixView<const float>(z.data(), T, E), o1);
+    fresh.route(MatrixView<const float>(z.data(), T, E), o2);
+    CHECK(std::vector<std::int32_t>(o1.ids.begin(), o1.ids.end()) ==
+          std::vector<std::int32_t>(o2.ids.begin(), o2.ids.end()));
+    CHECK(std::vector<float>(o1.gates.begin(), o1.gates.end()) == std::vector<float>(o2.gates.begin(), o2.gates.end()));
   }
 }
 

@@ -13,7 +13,9 @@ namespace moeroute {
 
 /// A selection policy. Token choice provides `k(cfg)`, `validate(cfg)`, `scratch_bytes(E)`
 /// and the reference `select_row(key, E, k, ids, scratch)`; expert choice provides
-/// `validate(cfg)`, `capacity(T, E, cfg)` and `select_batch(keys [T,E], C, token_ids [E,C])`.
+/// `validate(cfg)`, `capacity(T, E, cfg)` and
+/// `select_batch(keys [T,E], C, token_ids [E,C], std::span<std::int32_t> scratch)`, where the
+/// engine passes a reusable scratch of at least T entries (so selection need not allocate).
 template <class S>
 concept SelectionPolicy = requires(const RouterConfig& c) {
   { S::choice } -> std::convertible_to<ChoiceKind>;
@@ -26,9 +28,10 @@ concept SelectionPolicy = requires(const RouterConfig& c) {
         S::select_row(key, n, n, ids, scratch);
       }) ||
       (S::choice == ChoiceKind::expert &&
-       requires(const RouterConfig& c, index_t n, MatrixView<const float> keys, MatrixView<std::int32_t> out) {
+       requires(const RouterConfig& c, index_t n, MatrixView<const float> keys, MatrixView<std::int32_t> out,
+                std::span<std::int32_t> scratch) {
          { S::capacity(n, n, c) } -> std::convertible_to<index_t>;
-         S::select_batch(keys, n, out);
+         S::select_batch(keys, n, out, scratch);
        }));
 
 /// A balancer: a type with a `Config` struct, a `name`, and a constructor

@@ -6,7 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <vector>
+#include <span>
 
 #include "../core.hpp"
 #include "../routing.hpp"
@@ -66,14 +66,21 @@ struct ExpertChoice {
   /// each row the min(C, T) tokens with the largest keys of that expert (ties to the lower
   /// token index) in ascending token order, then −1 for the slots beyond T. Keys must not
   /// be NaN (the router has already rejected or mapped non-finite logits).
-  static void select_batch(MatrixView<const float> keys, index_t C, MatrixView<std::int32_t> token_ids) {
+  ///
+  /// `scratch` is the caller's workspace of at least T entries (its contents on entry do not
+  /// matter and are overwritten), so the selection itself never allocates: engines keep it
+  /// across batches. A shorter one is an invalid_argument naming `scratch`.
+  static void select_batch(MatrixView<const float> keys, index_t C, MatrixView<std::int32_t> token_ids,
+                           std::span<std::int32_t> scratch) {
     const index_t T = keys.rows, E = keys.cols;
     detail::require(token_ids.rows == E && token_ids.cols == C, "token_ids", "expected [", E, ", ", C, "], got [",
                     token_ids.rows, ", ", token_ids.cols, "]");
     detail::require(T <= index_t(std::numeric_limits<std::int32_t>::max()), "keys", "T = ", T,
                     " tokens do not fit int32 token ids");
+    detail::require(scratch.size() >= std::size_t(T), "scratch", "size ", scratch.size(), " is smaller than the ", T,
+                    " tokens of the batch");
     const index_t take = std::min(C, T);
-    std::vector<std::int32_t> order(static_cast<std::size_t>(T));
+    const auto order = scratch.first(std::size_t(T));
     for (index_t e = 0; e < E; ++e) {
       for (index_t t = 0; t < T; ++t) order[std::size_t(t)] = std::int32_t(t);
       // larger key first; equal keys: lower token first (a strict weak order without NaN)

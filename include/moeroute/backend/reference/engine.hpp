@@ -256,7 +256,8 @@ class ReferenceEngine {
     if constexpr (Se::choice == ChoiceKind::expert) {
       const index_t C = a.k;
       MatrixView<std::int32_t> tok(out.ids.data(), E, C);
-      Se::select_batch(MatrixView<const float>(all_key_.data(), T, E), C, tok);
+      order_.resize(std::size_t(T));  // keeps its capacity: no allocation once T stops growing
+      Se::select_batch(MatrixView<const float>(all_key_.data(), T, E), C, tok, std::span<std::int32_t>(order_));
       for (index_t e = 0; e < E; ++e)
         for (index_t j = 0; j < C; ++j) {
           const std::int32_t t = tok(e, j);
@@ -332,6 +333,7 @@ class ReferenceEngine {
   std::vector<float> z_, s_, p_, key_, batch_, all_s_, all_key_, dp_;
   std::vector<double> seq_acc_;
   std::vector<std::uint8_t> scratch_;
+  std::vector<std::int32_t> order_;  ///< expert choice: select_batch's token scratch [T]
 };
 
 }  // namespace detail
