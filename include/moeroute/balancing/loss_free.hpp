@@ -2,6 +2,7 @@
 // bias that only chooses experts, nudged after each step towards uniform load.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <span>
@@ -42,7 +43,10 @@ class LossFree {
   static std::string identity() { return std::string(name) + "<" + Rule::name + ">"; }
 
   explicit LossFree(index_t num_experts, const Config& config = {})
-      : config_(config), bias_(std::size_t(num_experts > 0 ? num_experts : 0), 0.0f), counts_(bias_.size(), 0) {
+      : config_(config),
+        bias_(std::size_t(num_experts > 0 ? num_experts : 0), 0.0f),
+        counts_(bias_.size(), 0),
+        observed_(bias_.size(), 0.0) {
     detail::require(num_experts >= 1, "num_experts", "E = ", num_experts, " must be >= 1");
     detail::require(std::isfinite(config.update_rate) && config.update_rate >= 0.0f, "update_rate",
                     "update_rate = ", config.update_rate, " must be finite and >= 0");
@@ -63,8 +67,8 @@ class LossFree {
   }
   void step() {
     if (batches_ == 0) return;
-    std::vector<double> c(counts_.begin(), counts_.end());
-    Rule::apply(std::span<float>(bias_), std::span<const double>(c), config_.update_rate);
+    std::copy(counts_.begin(), counts_.end(), observed_.begin());  // the rule reads fp64 counts
+    Rule::apply(std::span<float>(bias_), std::span<const double>(observed_), config_.update_rate);
     reset();
   }
   void reset() noexcept {
@@ -96,6 +100,7 @@ class LossFree {
   Config config_;
   std::vector<float> bias_;
   std::vector<std::int64_t> counts_;
+  std::vector<double> observed_;  ///< step's fp64 copy of counts_, sized once so step never allocates
   std::int64_t batches_ = 0;
 };
 

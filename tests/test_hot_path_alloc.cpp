@@ -1,0 +1,108 @@
+// Hot paths that must not allocate once shapes stop growing: LossFree::step, and the
+// expert-choice selection of the reference engine (through Router::route). The global
+// operator new of this executable counts allocations while a probe is armed.
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <moeroute/moeroute.hpp>
+#include <new>
+#include <random>
+#include <vector>
+
+namespace {
+std::atomic<bool> armed{false};
+std::atomic<long> allocations{0};
+
+void* counted_alloc(std::size_t n) {
+  if (armed.load(std::memory_order_relaxed)) allocations.fetch_add(1, std::memory_order_relaxed);
+  if (void* p = std::malloc(n ? n : 1)) return p;
+  throw std::bad_alloc();
+}
+
+/// Runs f and returns how many allocations it made.
+template <class F>
+long allocations_in(F&& f) {
+  allocations = 0;
+  armed = true;
+  f();
+  armed = false;
+  return allocations.load();
+}
+}  // namespace
+
+void* operator new(std::size_t n) { return counted_alloc(n); }
+void* operator new[](std::size_t n) { return counted_alloc(n); }
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+
+namespace mr = moeroute;
+
+namespace {
+mr::BalanceStats stats_of(const std::vector<std::int64_t>& counts, const std::vector<float>& probs) {
+  mr::BalanceStats s;
+  s.experts = mr::index_t(counts.size());
+  s.counts = counts;
+  s.prob_sums = probs;
+  std::int64_t n = 0;
+  for (auto c : counts) n += c;
+  s.tokens = s.local_tokens = s.assignments = mr::index_t(n);
+  return s;
+}
+}  // namespace
+
+TEST_CASE("LossFree::step does not allocate and applies the rule to the accumulated counts") {
+  const std::vector<std::int64_t> c1{5, 0, 9, 2}, c2{1, 4, 3, 0};
+  const std::vector<float> probs(4, 0.0f);
+  const float u = 0.01f;
+
+  mr::LossFree<> sign(4, {.update_rate = u});
+  mr::LossFree<mr::ProportionalStep> prop(4, {.update_rate = u});
+  for (int round = 0; round < 3; ++round) {
+    sign.observe(stats_of(c1, probs));
+    sign.observe(stats_of(c2, probs));
+    prop.observe(stats_of(c1, probs));
+    prop.observe(stats_of(c2, probs));
+    CHECK(allocations_in([&] {
+            sign.step();
+            prop.step();
+          }) == 0);
+    CHECK(sign.pending_counts()[0] == 0);
+  }
+  // independent reference: three identical steps on the summed counts c = c1 + c2
+  const double c[4] = {6, 4, 12, 2}, mean = 6.0;
+  for (int e = 0; e < 4; ++e) {
+    CAPTURE(e);
+    float bs = 0.0f, bp = 0.0f;
+    for (int round = 0; round < 3; ++round) {
+      bs += u * float((mean > c[e]) - (mean < c[e]));
+      bp += u * float((mean - c[e]) / mean);
+    }
+    CHECK(sign.bias()[std::size_t(e)] == doctest::Approx(bs).epsilon(1e-6));
+    CHECK(prop.bias()[std::size_t(e)] == doctest::Approx(bp).epsilon(1e-6));
+  }
+}
+
+TEST_CASE("Router<ExpertChoice>::route does not allocate once the batch stops growing") {
+  const mr::index_t E = 8, T_max = 64;
+  std::mt19937 gen(3);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> z(std::size_t(T_max * E));
+  for (float& v : z) v = nd(gen);
+
+  mr::Router<mr::ExpertChoice> router({.num_experts = E, .capacity_factor = 2.0f});
+  router.set_training(false);
+  mr::RoutingBuffers buf;
+  mr::RoutingView big = router.make_output(buf, T_max);
+  router.route(mr::MatrixView<const float>(z.data(), T_max, E), big);  // sizes every buffer
+  for (mr::index_t T : {T_max, mr::index_t(17), mr::index_t(40)}) {
+    CAPTURE(T);
+    mr::RoutingView out = router.make_output(buf, T);
+    CHECK(allocations_in([&] { router.route(mr::MatrixView<const float>(z.data(), T, E), out); }) == 0);
+    CHECK(out.counts[0] == std::min<std::int64_t>(T, router.slots(T)));
+  }
+}
