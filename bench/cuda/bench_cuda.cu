@@ -131,6 +131,21 @@ void run_case(cudaStream_t s, double bw, const char* dtype, index_t T, index_t E
   const double plan = tm.time_us(s, reps, [&] { eng.plan(out, pv); });
   eng.check_errors(xv);
 
+  // DeepSeek-V3's selection on the same logits: sigmoid scores + a selection bias, 8 groups
+  // of E/8 experts, the 4 best groups, top-8 among them
+  double group_fwd = -1.0;
+  if (E % 8 == 0 && k == 8) {
+    float* bias = nullptr;
+    MOEROUTE_CUDA_CHECK(cudaMalloc(&bias, std::size_t(E) * 4));
+    MOEROUTE_CUDA_CHECK(cudaMemset(bias, 0, std::size_t(E) * 4));
+    CudaEngine<Sigmoid, GroupTopK<8, 8, 4>> geng;
+    geng.set_stream(s);
+    geng.reserve(T, E);
+    group_fwd = tm.time_us(s, reps, [&] { geng.forward(xv, cfg, k, out, bias); });
+    geng.check_errors(xv);
+    cudaFree(bias);
+  }
+
   // compulsory traffic: forward reads the logits, writes ids + gates; backward also reads
   // ids + ∂gates and writes ∂logits (fp32); the plan reads ids, writes order + position
   const double fwd_bytes = double(T * E) * sizeof(L) + double(T * k) * 8;
@@ -145,6 +160,7 @@ void run_case(cudaStream_t s, double bw, const char* dtype, index_t T, index_t E
   row("forward_graph", graph, fwd_bytes);
   row("backward", bwd, bwd_bytes);
   row("plan", plan, plan_bytes);
+  if (group_fwd >= 0.0) row("forward_group_topk", group_fwd, fwd_bytes);
   std::fflush(stdout);
   for (void* p : {(void*)x, (void*)ids, (void*)gates, (void*)dg, (void*)dz, (void*)counts, (void*)probs, (void*)pc,
                   (void*)po, (void*)order, (void*)pos})

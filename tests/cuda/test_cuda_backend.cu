@@ -11,6 +11,7 @@
 #include <moeroute/backend/cuda/engine.cuh>
 #include <moeroute/moeroute.hpp>
 #include <random>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -172,7 +173,7 @@ std::vector<float> make_input(Input kind, index_t T, index_t E, unsigned seed) {
 
 /// Routes the same logits with ReferenceBackend and CudaBackend (through Router) and
 /// compares forward, backward and the dispatch plan.
-template <class Sc, class L, class Bal = NoBalancing>
+template <class Sc, class L, class Bal = NoBalancing, class Se = TopKRuntime>
 void compare(index_t T, index_t E, index_t k, Input kind, bool renorm, float scaling, unsigned seed,
              const typename Bal::Config& bal = {}) {
   CAPTURE(T);
@@ -181,13 +182,14 @@ void compare(index_t T, index_t E, index_t k, Input kind, bool renorm, float sca
   CAPTURE(int(kind));
   CAPTURE(renorm);
   CAPTURE(Sc::name);
+  CAPTURE(Se::name);
   RouterConfig cfg;
   cfg.num_experts = E;
   cfg.top_k = k;
   cfg.renormalize = renorm;
   cfg.scaling = scaling;
-  Router<TopKRuntime, Bal, ReferenceBackend, Sc> ref(cfg, bal);
-  Router<TopKRuntime, Bal, CudaBackend, Sc> gpu(cfg, bal);
+  Router<Se, Bal, ReferenceBackend, Sc> ref(cfg, bal);
+  Router<Se, Bal, CudaBackend, Sc> gpu(cfg, bal);
 
   const std::vector<L> x = to_logits<L>(make_input(kind, T, E, seed));
   RoutingBuffers rb;
@@ -296,6 +298,35 @@ TEST_CASE("cuda: bf16 and fp16 logits") {
   compare<Softmax, bfloat16>(30, 4096, 64, Input::random, false, 1.0f, 34);
 }
 
+TEST_CASE("cuda: GroupTopK (both group scores, with a selection bias, ties, the general path)") {
+  if (!cuda_ready()) return;
+  std::vector<float> bias(256);
+  for (std::size_t e = 0; e < bias.size(); ++e) bias[e] = 0.01f * float((e * 37) % 11) - 0.05f;
+  // DeepSeek-V3's router: sigmoid, 8 groups of 32, 4 kept, k = 8, a Loss-Free-style bias
+  compare<Sigmoid, float, FixedBias, GroupTopK<8, 8, 4>>(40000, 256, 8, Input::random, true, 2.5f, 61, {bias});
+  compare<Sigmoid, bfloat16, FixedBias, GroupTopK<8, 8, 4>>(1000, 256, 8, Input::ties, true, 1.0f, 62, {bias});
+  compare<Softmax, float, NoBalancing, GroupTopK<6, 4, 2, GroupScore::max>>(500, 68, 6, Input::ties, false, 1.0f, 63);
+  compare<SoftmaxOverSelected, float, NoBalancing, GroupTopK<3, 4, 1>>(500, 68, 3, Input::random, false, 1.0f, 64);
+  compare<Softmax, float, NoBalancing, GroupTopK<2, 64, 2>>(500, 64, 2, Input::tiny_spread, true, 1.0f, 65);
+  compare<Softmax, float16, NoBalancing, GroupTopK<8, 16, 3>>(300, 384, 8, Input::huge, true, 1.0f, 66);
+  compare<Sigmoid, float, NoBalancing, GroupTopK<8, 40, 2, GroupScore::max>>(50, 1000, 8, Input::random, false, 1.0f,
+                                                                             67);
+  // the engine's own forward checks the group settings against the logits' E
+  CudaEngine<Softmax, GroupTopK<2, 4, 1>> eng;
+  DevRouting dr(4, 10, 2);
+  Dev<float> dx(std::size_t(40));
+  RoutingView v = dr.view();
+  RouterConfig cfg;
+  cfg.num_experts = 10;
+  try {
+    eng.forward(MatrixView<const float>(dx.p, 4, 10), cfg, 2, v);
+    FAIL("groups that do not divide E were accepted");
+  } catch (const invalid_argument& e) {
+    CHECK(e.argument() == "num_experts");
+    CHECK(std::string(e.what()).find("num_experts = 10") != std::string::npos);
+  }
+}
+
 TEST_CASE("cuda: selection bias and balancer gradient terms") {
   if (!cuda_ready()) return;
   for (index_t E : {64, 257, 1024}) {
@@ -325,14 +356,14 @@ float device_aux_loss(const float* p) {
 
 /// Several steps of two micro-batches route → backward, then step, on the GPU (device-side
 /// balancing) and on the reference; ids, aux loss, gradients and the saved state must agree.
-template <class Bal>
+template <class Bal, class Se = TopK<8>, class Sc = Softmax>
 void balanced_steps(index_t T, index_t E) {
   const index_t k = 8;
   RouterConfig cfg;
   cfg.num_experts = E;
   cfg.top_k = k;
-  Router<TopK<8>, Bal, ReferenceBackend> ref(cfg);
-  Router<TopK<8>, Bal, CudaBackend> gpu(cfg);
+  Router<Se, Bal, ReferenceBackend, Sc> ref(cfg);
+  Router<Se, Bal, CudaBackend, Sc> gpu(cfg);
   static_assert(cuda_detail::device_balancing<Bal, NoComm>);
   DevRouting dr(T, E, k);
   RoutingBuffers rb;
@@ -364,7 +395,7 @@ void balanced_steps(index_t T, index_t E) {
     CHECK(gpu.save_state() == ref.save_state());  // the device state, bit for bit
   }
   // a loaded state reaches the device
-  Router<TopK<8>, Bal, CudaBackend> restored(cfg);
+  Router<Se, Bal, CudaBackend, Sc> restored(cfg);
   restored.load_state(ref.save_state());
   auto z = make_input(Input::random, T, E, 99);
   Dev<float> dx(z);
@@ -386,6 +417,7 @@ TEST_CASE("cuda: built-in balancers on the device follow the CPU over steps (sta
   balanced_steps<ZLoss>(2048, 64);
   balanced_steps<Balancers<PhiBalancing<Entropy>, LossFree<>, ZLoss>>(2048, 64);
   balanced_steps<Balancers<LossFree<ProportionalStep>, SwitchAux>>(1000, 200);
+  balanced_steps<LossFree<>, GroupTopK<8, 8, 4>, Sigmoid>(2048, 256);  // DeepSeek-V3's router
 }
 
 TEST_CASE("cuda: a step with PhiBalancing + z-loss captured in a CUDA graph follows the CPU") {

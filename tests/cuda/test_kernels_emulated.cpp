@@ -45,8 +45,8 @@ namespace {
 
 /// Backward parameters for contiguous host buffers: logits x [T, E], ids and dg [T, k], dz [T, E].
 template <class L>
-cd::BackwardParams<L> contiguous_backward_params(const L* x, index_t T, index_t E, index_t k,
-                                                 const std::int32_t* ids, const float* dg, float* dz) {
+cd::BackwardParams<L> contiguous_backward_params(const L* x, index_t T, index_t E, index_t k, const std::int32_t* ids,
+                                                 const float* dg, float* dz) {
   cd::BackwardParams<L> P;
   P.x = x;
   P.stride = E;
@@ -61,12 +61,13 @@ cd::BackwardParams<L> contiguous_backward_params(const L* x, index_t T, index_t 
   return P;
 }
 
-template <class Sc, class L, int VPT>
+template <class Sc, class L, int VPT, class Se = TopKRuntime>
 void run(index_t T, index_t E, index_t k, bool renorm, float scaling, bool use_bias, bool use_aux, unsigned seed) {
   CAPTURE(T);
   CAPTURE(E);
   CAPTURE(k);
   CAPTURE(Sc::name);
+  CAPTURE(Se::name);
   CAPTURE(renorm);
   CAPTURE(use_bias);
   CAPTURE(use_aux);
@@ -93,7 +94,7 @@ void run(index_t T, index_t E, index_t k, bool renorm, float scaling, bool use_b
   cfg.top_k = k;
   cfg.renormalize = renorm;
   cfg.scaling = scaling;
-  Router<TopKRuntime, emu_test::Fixed, ReferenceBackend, Sc> ref(cfg, fc);
+  Router<Se, emu_test::Fixed, ReferenceBackend, Sc> ref(cfg, fc);
   RoutingBuffers rb;
   RoutingView rv = ref.make_output(rb, T);
   ref.route(MatrixView<const L>(x.data(), T, E), rv);
@@ -127,7 +128,7 @@ void run(index_t T, index_t E, index_t k, bool renorm, float scaling, bool use_b
   P.part_lse = part_lse.data();
   P.bad = &bad;
   emu::launch(dim3(unsigned(blocks)), dim3(unsigned(32 * warps)), std::size_t(E) * 8,
-              [&] { cd::route_forward_kernel<Sc, L, VPT>(P); });
+              [&] { cd::route_forward_kernel<Sc, Se, L, VPT>(P); });
   emu::launch(dim3(unsigned(E + 1)), dim3(cd::reduce_threads), 0, [&] {
     cd::reduce_stats_kernel(int(blocks), int(E), part_prob.data(), part_count.data(), part_lse.data(), counts.data(),
                             gcounts.data(), probs.data(), gprobs.data(), prob64.data(), lse.data());
@@ -201,6 +202,17 @@ TEST_CASE("emulated CUDA kernels: softmax, E not a power of two, ties, bias and 
   run<Softmax, float, 8>(24, 256, 8, true, 1.0f, false, true, 3);
   run<Softmax, float, 16>(8, 300, 64, false, 1.0f, true, false, 4);
   run<Softmax, float, 128>(5, 600, 8, true, 1.0f, true, true, 5);
+}
+
+TEST_CASE("emulated CUDA kernels: GroupTopK (both group scores, groups across and within lanes, ties)") {
+  run<Sigmoid, float, 8, GroupTopK<8, 8, 4>>(24, 256, 8, true, 2.5f, true, true, 21);   // DeepSeek-V3's shape
+  run<Sigmoid, float, 8, GroupTopK<8, 8, 4>>(24, 256, 8, true, 1.0f, true, false, 22);  // ties
+  run<Softmax, float, 4, GroupTopK<6, 4, 2, GroupScore::max>>(20, 68, 6, false, 1.0f, true, true, 23);
+  run<SoftmaxOverSelected, float, 4, GroupTopK<3, 4, 1>>(20, 68, 3, false, 1.0f, false, false, 24);
+  run<Softmax, float, 4, GroupTopK<2, 64, 2>>(20, 64, 2, true, 1.0f, true, false, 25);  // one expert per group
+  run<Softmax, bfloat16, 16, GroupTopK<8, 16, 3>>(12, 384, 8, true, 1.0f, true, true, 27);
+  run<Sigmoid, float, 128, GroupTopK<8, 1, 1>>(5, 600, 8, true, 1.0f, false, false, 29);
+  run<Sigmoid, float, 128, GroupTopK<8, 40, 2, GroupScore::max>>(5, 1000, 8, false, 1.0f, true, false, 30);
 }
 
 TEST_CASE("emulated CUDA kernels: element-wise and softmax-over-selected scoring, bf16 and fp16") {
@@ -385,7 +397,7 @@ void run_balanced(const typename B::Config& bc, index_t T, index_t E, index_t k,
       P.part_lse = part_lse.data();
       P.bad = &bad;
       emu::launch(dim3(unsigned(blocks)), dim3(unsigned(32 * warps)), std::size_t(E) * 8,
-                  [&] { cd::route_forward_kernel<Softmax, float, 4>(P); });
+                  [&] { cd::route_forward_kernel<Softmax, TopKRuntime, float, 4>(P); });
       emu::launch(dim3(unsigned(E + 1)), dim3(cd::reduce_threads), 0, [&] {
         cd::reduce_stats_kernel(int(blocks), int(E), part_prob.data(), part_count.data(), part_lse.data(),
                                 counts.data(), gcounts.data(), probs.data(), gprobs.data(), prob64.data(), lse.data());
@@ -429,8 +441,7 @@ void run_balanced(const typename B::Config& bc, index_t T, index_t E, index_t k,
       std::vector<float> dz_ref(static_cast<std::size_t>(T * E)), dz(dz_ref.size());
       ref.backward(MatrixView<const float>(x.data(), T, E), rv, MatrixView<const float>(dg.data(), T, k),
                    MatrixView<float>(dz_ref.data(), T, E));
-      cd::BackwardParams<float> Bp =
-          contiguous_backward_params(x.data(), T, E, k, ids.data(), dg.data(), dz.data());
+      cd::BackwardParams<float> Bp = contiguous_backward_params(x.data(), T, E, k, ids.data(), dg.data(), dz.data());
       Bp.dprob = g.any_dprob ? dprob.data() : nullptr;
       Bp.dlse_sq = dlse;
       emu::launch(dim3(unsigned(T)), dim3(32), 0, [&] { cd::route_backward_kernel<Softmax, float, 4>(Bp); });

@@ -297,12 +297,12 @@ inline constexpr bool device_balancing =
 
 }  // namespace cuda_detail
 
-/// The CUDA engine of one scoring and selection policy (TopK<k> or TopK<runtime_k>).
+/// The CUDA engine of one scoring and selection policy (TopK<k>, TopK<runtime_k> or GroupTopK).
 template <ScoringPolicy Sc, SelectionPolicy Se>
 class CudaEngine {
-  static_assert(cuda_detail::is_topk<Se>::value,
-                "CudaBackend: only TopK<k> / TopKRuntime selection runs on the GPU so far (GroupTopK and "
-                "ExpertChoice: use ReferenceBackend or CpuBackend)");
+  static_assert(cuda_detail::is_topk<Se>::value || cuda_detail::group_selection<Se>::value,
+                "CudaBackend: TopK<k>, TopKRuntime and GroupTopK run on the GPU (ExpertChoice: use ReferenceBackend "
+                "or CpuBackend)");
 
  public:
   CudaEngine() = default;
@@ -347,6 +347,12 @@ class CudaEngine {
     detail::require(k >= 1 && k <= std::min<index_t>(E, max_top_k), "k", "k = ", k, " must be in [1, min(E, 64)]");
     detail::require(E >= 1 && E <= max_experts, "logits", "E = ", E, " must be in [1, ", max_experts, "]");
     detail::require(T <= index_t(INT32_MAX) / std::max<index_t>(k, 1), "logits", "T = ", T, " is too large");
+    if constexpr (cuda_detail::group_selection<Se>::value) {  // groups must divide E and supply k experts
+      RouterConfig gc;
+      gc.num_experts = E;
+      gc.top_k = k;
+      Se::validate(gc);
+    }
     detail::check_span(out.ids, "out.ids", T * k);
     detail::check_span(out.gates, "out.gates", T * k);
     detail::check_span(out.counts, "out.counts", E);
@@ -644,16 +650,16 @@ class CudaEngine {
     const dim3 grid(unsigned(l.blocks)), block(unsigned(32 * l.warps));
     switch (vpt_of(P.E)) {
       case 4:
-        cuda_detail::route_forward_kernel<Sc, LT, 4><<<grid, block, smem, stream_>>>(P);
+        cuda_detail::route_forward_kernel<Sc, Se, LT, 4><<<grid, block, smem, stream_>>>(P);
         break;
       case 8:
-        cuda_detail::route_forward_kernel<Sc, LT, 8><<<grid, block, smem, stream_>>>(P);
+        cuda_detail::route_forward_kernel<Sc, Se, LT, 8><<<grid, block, smem, stream_>>>(P);
         break;
       case 16:
-        cuda_detail::route_forward_kernel<Sc, LT, 16><<<grid, block, smem, stream_>>>(P);
+        cuda_detail::route_forward_kernel<Sc, Se, LT, 16><<<grid, block, smem, stream_>>>(P);
         break;
       default:
-        cuda_detail::route_forward_kernel<Sc, LT, 128><<<grid, block, smem, stream_>>>(P);
+        cuda_detail::route_forward_kernel<Sc, Se, LT, 128><<<grid, block, smem, stream_>>>(P);
         break;
     }
     MOEROUTE_CUDA_CHECK_LAUNCH();

@@ -26,6 +26,7 @@
 #include "../../detail/math.hpp"
 #include "../../potentials.hpp"
 #include "../../scoring.hpp"
+#include "../../selection/group_topk.hpp"
 
 namespace moeroute::cuda_detail {
 
@@ -204,6 +205,64 @@ __device__ inline float warp_score_row(const float (&z)[VPT], float (&s)[VPT], f
 }
 
 // ---------------------------------------------------------------------------------------
+// Selection
+// ---------------------------------------------------------------------------------------
+
+template <class Se>
+struct group_selection : std::false_type {};
+template <index_t K, index_t G, index_t TG, GroupScore S>
+struct group_selection<GroupTopK<K, G, TG, S>> : std::true_type {};
+
+/// Largest number of groups GroupTopK may have on the GPU (the chosen groups are one bit mask).
+inline constexpr int max_device_groups = 64;
+
+/// GroupTopK's group stage (selection/group_topk.hpp), bit for bit: group g's score is the
+/// sum of its two largest keys (or its largest); the top_groups best groups (ties to the
+/// lower group) stay, and the experts of every other group are marked taken. A group's top
+/// two form a multiset maximum, so lanes' partial pairs merge in any order to the same
+/// floats. `group[r]` is the group of this lane's element r (−1 beyond E); `per_group` = E / G.
+template <class Se, int VPT>
+__device__ inline void warp_keep_top_groups(const float (&key)[VPT], const int (&group)[VPT], int per_group,
+                                            bool (&taken)[VPT]) {
+  constexpr int G = int(Se::groups), TG = int(Se::top_groups);
+  static_assert(G <= max_device_groups, "CudaBackend: GroupTopK supports at most 64 groups on the GPU");
+  float score[G];
+#pragma unroll(G <= 16 ? G : 1)
+  for (int g = 0; g < G; ++g) {
+    float t1 = -INFINITY, t2 = -INFINITY;
+#pragma unroll(VPT <= 16 ? VPT : 1)
+    for (int r = 0; r < VPT; ++r)
+      if (group[r] == g) {
+        t2 = fmaxf(t2, fminf(t1, key[r]));
+        t1 = fmaxf(t1, key[r]);
+      }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float o1 = __shfl_xor_sync(full_mask, t1, o), o2 = __shfl_xor_sync(full_mask, t2, o);
+      t2 = fmaxf(fminf(t1, o1), fmaxf(t2, o2));
+      t1 = fmaxf(t1, o1);
+    }
+    // groups of one expert score their key alone (there is no second key)
+    score[g] = (Se::group_score == GroupScore::max || per_group < 2) ? t1 : __fadd_rn(t1, t2);
+  }
+  unsigned long long keep = 0;
+  for (int j = 0; j < TG; ++j) {
+    int best = -1;
+    float best_score = -INFINITY;
+#pragma unroll(G <= 16 ? G : 1)
+    for (int g = 0; g < G; ++g)
+      if (!((keep >> g) & 1ull) && (best < 0 || score[g] > best_score)) {
+        best = g;
+        best_score = score[g];
+      }
+    keep |= 1ull << best;
+  }
+#pragma unroll(VPT <= 16 ? VPT : 1)
+  for (int r = 0; r < VPT; ++r)
+    if (group[r] >= 0 && !((keep >> group[r]) & 1ull)) taken[r] = true;
+}
+
+// ---------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------
 
@@ -228,8 +287,9 @@ struct ForwardParams {
 
 /// Fused routing forward. Block b routes the contiguous tokens [b·tpb, (b+1)·tpb), tpb =
 /// warps · tokens_per_warp, warp w taking tokens b·tpb + i·warps + w. Per-block statistics
-/// are combined in warp order (fixed), so the fp64 sums do not depend on scheduling.
-template <class Sc, class L, int VPT>
+/// are combined in warp order (fixed), so the fp64 sums do not depend on scheduling. `Se`:
+/// TopK<k> (k from P.k) or GroupTopK.
+template <class Sc, class Se, class L, int VPT>
 __global__ void __launch_bounds__(256) route_forward_kernel(ForwardParams<L> P) {
   extern __shared__ double block_red[];  // [E]
   __shared__ int s_ids[max_warps][max_top_k];
@@ -252,6 +312,14 @@ __global__ void __launch_bounds__(256) route_forward_kernel(ForwardParams<L> P) 
     cnt[r] = 0;
   }
   double lacc = 0.0;
+  constexpr bool grouped = group_selection<Se>::value;
+  [[maybe_unused]] int group[VPT];  // GroupTopK: the group of each element
+  [[maybe_unused]] int per_group = 1;
+  if constexpr (grouped) {
+    per_group = E / int(Se::groups);
+#pragma unroll(VPT <= 16 ? VPT : 1)
+    for (int r = 0; r < VPT; ++r) group[r] = 32 * r + lane < E ? (32 * r + lane) / per_group : -1;
+  }
 
   for (int i = 0; i < P.tokens_per_warp; ++i) {
     const index_t t = t0 + index_t(i) * W + w;  // warp-uniform
@@ -291,6 +359,7 @@ __global__ void __launch_bounds__(256) route_forward_kernel(ForwardParams<L> P) 
       key[r] = P.bias ? __fadd_rn(s[r], bias[r]) : s[r];
       taken[r] = 32 * r + lane >= E;
     }
+    if constexpr (grouped) warp_keep_top_groups<Se>(key, group, per_group, taken);
     for (int j = 0; j < k; ++j) {
       float bk = -INFINITY;
       int bi = no_index;
@@ -312,10 +381,14 @@ __global__ void __launch_bounds__(256) route_forward_kernel(ForwardParams<L> P) 
       if ((bi & 31) == lane) {
         if constexpr (VPT > 16) {
           taken[bi >> 5] = true;
+          ++cnt[bi >> 5];
         } else {
 #pragma unroll
           for (int r = 0; r < VPT; ++r)
-            if (r == (bi >> 5)) taken[r] = true;
+            if (r == (bi >> 5)) {
+              taken[r] = true;
+              ++cnt[r];
+            }
         }
       }
       const float sv = warp_get(s, bi);
@@ -359,7 +432,6 @@ __global__ void __launch_bounds__(256) route_forward_kernel(ForwardParams<L> P) 
 #pragma unroll(VPT <= 16 ? VPT : 1)
     for (int r = 0; r < VPT; ++r) {
       if (32 * r + lane >= E) continue;
-      cnt[r] += taken[r] ? 1 : 0;
       const float pr = (Sc::form == ScoreForm::softmax) ? s[r] : p[r];
       pacc[r] = __dadd_rn(pacc[r], double(pr));
     }
