@@ -420,6 +420,75 @@ TEST_CASE("cuda: built-in balancers on the device follow the CPU over steps (sta
   balanced_steps<LossFree<>, GroupTopK<8, 8, 4>, Sigmoid>(2048, 256);  // DeepSeek-V3's router
 }
 
+namespace {
+
+/// Per-sequence statistics on the GPU (host balancer hooks): DeepSeek-V3's router, sigmoid +
+/// GroupTopK<8, 8, 4> with Loss-Free's bias and the sequence-wise Switch loss, over steps.
+template <class Se, class Sc>
+void sequence_steps(index_t T, index_t E, index_t L) {
+  CAPTURE(T);
+  CAPTURE(E);
+  CAPTURE(L);
+  const index_t k = 8;
+  RouterConfig cfg;
+  cfg.num_experts = E;
+  cfg.top_k = k;
+  cfg.sequence_length = L;
+  using Bal = Balancers<LossFree<>, PerSequenceSwitchAux>;
+  Router<Se, Bal, ReferenceBackend, Sc> ref(cfg);
+  Router<Se, Bal, CudaBackend, Sc> gpu(cfg);
+  const index_t S = L > 0 ? T / L : 1;
+  DevRouting dr(T, E, k);
+  Dev<std::int64_t> dseq_counts(std::size_t(S * E));
+  Dev<float> dseq_probs(std::size_t(S * E));
+  RoutingBuffers rb;
+  for (int step = 0; step < 3; ++step) {
+    CAPTURE(step);
+    auto z = make_input(Input::random, T, E, unsigned(70 + step));
+    for (index_t t = 0; t < T; ++t) z[std::size_t(t * E + (t % 7))] += 3.0f;  // skewed load
+    RoutingView rv = ref.make_output(rb, T);
+    ref.route(MatrixView<const float>(z.data(), T, E), rv);
+    Dev<float> dx(z);
+    RoutingView gv = dr.view();
+    gv.seq_counts = dseq_counts.span();
+    gv.seq_prob_sums = dseq_probs.span();
+    gpu.route(MatrixView<const float>(dx.p, T, E), gv);
+    CHECK(dr.ids.download() == std::vector<std::int32_t>(rv.ids.begin(), rv.ids.end()));
+    CHECK(gv.sequence_length == rv.sequence_length);
+    CHECK(dseq_counts.download() == std::vector<std::int64_t>(rv.seq_counts.begin(), rv.seq_counts.end()));
+    const auto sp = dseq_probs.download();
+    int bad = 0;
+    for (std::size_t i = 0; i < sp.size(); ++i) bad += !close(sp[i], rv.seq_prob_sums[i], 1e-6f, 1e-6f);
+    CHECK(bad == 0);
+    CHECK(rv.aux_loss > 0.0f);
+    CHECK(close(gv.aux_loss, rv.aux_loss, 1e-6f, 1e-12f));
+
+    std::vector<float> dg(std::size_t(T * k), 0.25f), dz_ref(std::size_t(T * E));
+    ref.backward(MatrixView<const float>(z.data(), T, E), rv, MatrixView<const float>(dg.data(), T, k),
+                 MatrixView<float>(dz_ref.data(), T, E));
+    Dev<float> ddg(dg), ddz(std::size_t(T * E));
+    gpu.backward(MatrixView<const float>(dx.p, T, E), gv, MatrixView<const float>(ddg.p, T, k),
+                 MatrixView<float>(ddz.p, T, E));
+    const auto dz = ddz.download();
+    bad = 0;
+    for (std::size_t i = 0; i < dz.size(); ++i) bad += !close(dz[i], dz_ref[i], 1e-6f, 1e-6f);
+    CHECK(bad == 0);
+    ref.step();
+    gpu.step();
+    CHECK(gpu.save_state() == ref.save_state());
+  }
+}
+
+}  // namespace
+
+TEST_CASE("cuda: per-sequence statistics and the sequence-wise loss (DeepSeek-V3's router) follow the CPU") {
+  if (!cuda_ready()) return;
+  sequence_steps<GroupTopK<8, 8, 4>, Sigmoid>(4096, 256, 1024);
+  sequence_steps<GroupTopK<8, 8, 4>, Sigmoid>(40000, 256, 4000);  // several tokens per warp
+  sequence_steps<TopK<8>, Softmax>(3000, 64, 100);                // sequences end inside blocks
+  sequence_steps<TopK<8>, Softmax>(512, 128, 0);                  // the batch is one sequence
+}
+
 TEST_CASE("cuda: a step with PhiBalancing + z-loss captured in a CUDA graph follows the CPU") {
   if (!cuda_ready()) return;
   const index_t T = 4096, E = 128, k = 8;

@@ -471,3 +471,105 @@ TEST_CASE("emulated CUDA balancing: state, aux loss and gradients of the built-i
   run_balanced<Balancers<LossFree<>, PhiBalancing<Entropy>, ZLoss>>({}, 16, 12, 2, 3, 27);
   run_balanced<Balancers<LossFree<ProportionalStep>, SwitchAux>>({}, 16, 12, 2, 2, 28);
 }
+
+namespace {
+
+/// A segmented forward (blocks never straddle sequences) and the per-sequence reduction
+/// against the reference's per-sequence statistics, then the backward with the per-sequence
+/// coefficients of DeepSeek-V3's sequence-wise loss.
+template <class Sc>
+void run_sequences(index_t T, index_t E, index_t k, index_t L, unsigned seed) {
+  CAPTURE(T);
+  CAPTURE(E);
+  CAPTURE(L);
+  CAPTURE(Sc::name);
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.0f, 2.0f);
+  std::vector<float> x(static_cast<std::size_t>(T * E));
+  for (auto& v : x) v = nd(rng);
+  RouterConfig cfg;
+  cfg.num_experts = E;
+  cfg.top_k = k;
+  cfg.sequence_length = L;
+  Router<TopKRuntime, PerSequenceSwitchAux, ReferenceBackend, Sc> ref(cfg, {.alpha = 0.1f});
+  RoutingBuffers rb;
+  RoutingView rv = ref.make_output(rb, T);
+  ref.route(MatrixView<const float>(x.data(), T, E), rv);
+  const index_t S = T / L;
+  REQUIRE(index_t(rv.seq_counts.size()) == S * E);
+
+  // the engine's segmented launch shape with 2 warps of 2 tokens: ceil(L / 4) blocks per sequence
+  const int warps = 2, tpw = 2;
+  const index_t bps = (L + warps * tpw - 1) / (warps * tpw), blocks = S * bps;
+  std::vector<std::int32_t> ids(static_cast<std::size_t>(T * k));
+  std::vector<float> gates(ids.size()), probs(static_cast<std::size_t>(E)), gprobs(probs.size()),
+      seq_probs(static_cast<std::size_t>(S * E));
+  std::vector<double> part_prob(static_cast<std::size_t>(blocks * E)), prob64(probs.size()), lse(1);
+  std::vector<int> part_count(part_prob.size());
+  std::vector<std::int64_t> counts(probs.size()), gcounts(probs.size()), seq_counts(seq_probs.size());
+  unsigned long long bad = ~0ull;
+  cd::ForwardParams<float> P;
+  P.x = x.data();
+  P.stride = E;
+  P.T = int(T);
+  P.E = int(E);
+  P.k = int(k);
+  P.tokens_per_warp = tpw;
+  P.segment = L;
+  P.blocks_per_segment = int(bps);
+  P.ids = ids.data();
+  P.gates = gates.data();
+  P.part_prob = part_prob.data();
+  P.part_count = part_count.data();
+  P.bad = &bad;
+  emu::launch(dim3(unsigned(blocks)), dim3(unsigned(32 * warps)), std::size_t(E) * 8,
+              [&] { cd::route_forward_kernel<Sc, TopKRuntime, float, 4>(P); });
+  emu::launch(dim3(unsigned(E + 1)), dim3(cd::reduce_threads), 0, [&] {
+    cd::reduce_stats_kernel(int(blocks), int(E), part_prob.data(), part_count.data(), nullptr, counts.data(),
+                            gcounts.data(), probs.data(), gprobs.data(), prob64.data(), lse.data());
+  });
+  emu::launch(dim3(unsigned((S * E + cd::reduce_threads - 1) / cd::reduce_threads)), dim3(cd::reduce_threads), 0, [&] {
+    cd::reduce_seq_stats_kernel(int(S), int(bps), int(E), part_prob.data(), part_count.data(), seq_counts.data(),
+                                seq_probs.data());
+  });
+  CHECK(bad == ~0ull);
+  CHECK(std::equal(ids.begin(), ids.end(), rv.ids.begin()));
+  CHECK(std::equal(counts.begin(), counts.end(), rv.counts.begin()));
+  CHECK(std::equal(seq_counts.begin(), seq_counts.end(), rv.seq_counts.begin()));
+  int nbad = 0;
+  for (index_t e = 0; e < E; ++e)
+    nbad += !(std::fabs(probs[std::size_t(e)] - rv.prob_sums[std::size_t(e)]) <=
+              1e-6f * std::max(std::fabs(rv.prob_sums[std::size_t(e)]), 1e-6f));
+  for (std::size_t i = 0; i < seq_probs.size(); ++i)
+    nbad += !(std::fabs(seq_probs[i] - rv.seq_prob_sums[i]) <= 1e-6f * std::max(std::fabs(rv.seq_prob_sums[i]), 1e-6f));
+  CHECK(nbad == 0);
+
+  // backward with the sequence-wise loss's coefficients α·E·f_{q,e} / (L·S)
+  std::vector<float> dprob(static_cast<std::size_t>(E), 0.0f), dprob_seq(seq_probs.size(), 0.0f);
+  for (index_t q = 0; q < S; ++q)
+    for (index_t e = 0; e < E; ++e)
+      dprob_seq[std::size_t(q * E + e)] =
+          float(0.1 * double(E) * double(rv.seq_counts[std::size_t(q * E + e)]) / double(L * k) / double(L * S));
+  std::vector<float> dg(ids.size()), dz_ref(static_cast<std::size_t>(T * E)), dz(dz_ref.size());
+  for (auto& v : dg) v = nd(rng);
+  ref.backward(MatrixView<const float>(x.data(), T, E), rv, MatrixView<const float>(dg.data(), T, k),
+               MatrixView<float>(dz_ref.data(), T, E));
+  cd::BackwardParams<float> B = contiguous_backward_params(x.data(), T, E, k, ids.data(), dg.data(), dz.data());
+  B.dprob = dprob.data();
+  B.dprob_seq = dprob_seq.data();
+  B.sequence_length = L;
+  emu::launch(dim3(unsigned((T + 1) / 2)), dim3(64), 0, [&] { cd::route_backward_kernel<Sc, float, 4>(B); });
+  nbad = 0;
+  for (std::size_t i = 0; i < dz.size(); ++i)
+    nbad += !(std::fabs(dz[i] - dz_ref[i]) <= 1e-6f * std::max(std::fabs(dz_ref[i]), 1e-6f));
+  CHECK(nbad == 0);
+}
+
+}  // namespace
+
+TEST_CASE("emulated CUDA kernels: per-sequence statistics and the sequence-wise loss's backward") {
+  run_sequences<Softmax>(30, 16, 2, 10, 41);  // sequences end inside a block's token range
+  run_sequences<Sigmoid>(32, 64, 8, 8, 42);   // sequences of exactly two blocks
+  run_sequences<Softmax>(12, 24, 3, 1, 43);   // one token per sequence
+  run_sequences<Softmax>(20, 7, 2, 20, 44);   // the batch is one sequence
+}

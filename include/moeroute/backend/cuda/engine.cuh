@@ -316,10 +316,11 @@ class CudaEngine {
   void set_stream(cudaStream_t s) noexcept { stream_ = s; }
   [[nodiscard]] cudaStream_t stream() const noexcept { return stream_; }
 
-  /// Allocates the workspace for batches of up to `tokens` tokens and `experts` experts, so
-  /// later calls of that size allocate nothing (needed before CUDA-graph capture).
-  void reserve(index_t tokens, index_t experts) {
-    const Launch l = launch_of(tokens, experts);
+  /// Allocates the workspace for batches of up to `tokens` tokens and `experts` experts (and
+  /// per-sequence statistics of `sequence_length`-token sequences, 0: none), so later calls
+  /// of that size allocate nothing (needed before CUDA-graph capture).
+  void reserve(index_t tokens, index_t experts, index_t sequence_length = 0) {
+    const Launch l = launch_of(tokens, experts, sequence_length);
     part_prob_.reserve(std::size_t(std::max<index_t>(l.blocks, 1) * experts));
     part_count_.reserve(std::size_t(std::max<index_t>(l.blocks, 1) * experts));
     part_lse_.reserve(std::size_t(std::max<index_t>(l.blocks, 1)));
@@ -337,7 +338,9 @@ class CudaEngine {
   }
 
   /// The fused forward on the device: ids, gates, counts, prob_sums (and global_* copies, the
-  /// local ones) of `out`, all device spans. `bias`: a device [E] selection bias or null.
+  /// local ones) of `out`, all device spans; when `out.seq_counts` is not empty also the
+  /// per-sequence seq_counts and seq_prob_sums [S, E] of `out.sequence_length`-token
+  /// sequences (0: the batch is one sequence). `bias`: a device [E] selection bias or null.
   /// `with_lse`: also Σ_t lse(z_t)² (device, lse_sq_sum_device()). No synchronisation.
   template <LogitElement L>
   void forward(MatrixView<const L> x, const RouterConfig& c, index_t k, RoutingView& out, const float* bias = nullptr,
@@ -357,8 +360,16 @@ class CudaEngine {
     detail::check_span(out.gates, "out.gates", T * k);
     detail::check_span(out.counts, "out.counts", E);
     detail::check_span(out.prob_sums, "out.prob_sums", E);
-    reserve(T, E);
-    const Launch l = launch_of(T, E);
+    const bool seq = !out.seq_counts.empty();
+    const index_t seq_len = seq ? (out.sequence_length > 0 ? out.sequence_length : std::max<index_t>(T, 1)) : 0;
+    if (seq) {
+      detail::require(out.sequence_length >= 0 && T % seq_len == 0, "out.sequence_length",
+                      "sequence_length = ", out.sequence_length, " does not divide T = ", T);
+      detail::check_span(out.seq_counts, "out.seq_counts", (T / seq_len) * E);
+      detail::check_span(out.seq_prob_sums, "out.seq_prob_sums", (T / seq_len) * E);
+    }
+    reserve(T, E, seq_len);
+    const Launch l = launch_of(T, E, seq_len);
     if (T > 0) {
       cuda_detail::ForwardParams<LT> P;
       P.x = x.data;
@@ -367,6 +378,8 @@ class CudaEngine {
       P.E = int(E);
       P.k = int(k);
       P.tokens_per_warp = l.tokens_per_warp;
+      P.segment = l.segment;
+      P.blocks_per_segment = int(l.blocks_per_segment);
       P.bias = bias;
       P.renormalize = c.renormalize;
       P.scaling = c.scaling;
@@ -384,6 +397,15 @@ class CudaEngine {
         out.counts.data(), out.global_counts.empty() ? nullptr : out.global_counts.data(), out.prob_sums.data(),
         out.global_prob_sums.empty() ? nullptr : out.global_prob_sums.data(), prob_f64_.data(), scalars_.data());
     MOEROUTE_CUDA_CHECK_LAUNCH();
+    if (seq && T > 0) {
+      const index_t cells = (T / seq_len) * E;
+      cuda_detail::
+          reduce_seq_stats_kernel<<<unsigned((cells + cuda_detail::reduce_threads - 1) / cuda_detail::reduce_threads),
+                                    cuda_detail::reduce_threads, 0, stream_>>>(
+              int(T / seq_len), int(l.blocks_per_segment), int(E), part_prob_.data(), part_count_.data(),
+              out.seq_counts.data(), out.seq_prob_sums.data());
+      MOEROUTE_CUDA_CHECK_LAUNCH();
+    }
   }
 
   /// The backward on the device: ∂L/∂logits (written) from ∂L/∂gates and the balancers'
@@ -494,8 +516,6 @@ class CudaEngine {
                     RoutingView& out) {
     static_assert(!detail::has_logit_offset<B>,
                   "CudaBackend: balancers with a logit-space selection offset (Sinkhorn) are not supported on the GPU");
-    static_assert(!detail::needs_sequence_stats<B>,
-                  "CudaBackend: per-sequence balancing statistics are not supported on the GPU yet");
     if constexpr (cuda_detail::device_balancing<B, C>) {
       route_balanced(x, c, k, bal, training, out);
       return;
@@ -510,8 +530,10 @@ class CudaEngine {
       bias = bias_.data();
     }
     constexpr bool host_stats = detail::has_aux_loss<B> || detail::has_observe<B> || !std::is_same_v<C, NoComm>;
+    // per-sequence statistics (local sequences: they are not all-reduced), as Router on the CPU
+    out.sequence_length =
+        detail::needs_sequence_stats<B> ? (c.sequence_length > 0 ? c.sequence_length : std::max<index_t>(T, 1)) : 0;
     forward(x, c, k, out, bias, host_stats);
-    out.sequence_length = 0;
     out.global_tokens = T;
     out.global_lse_sq_sum = 0.0;
     out.aux_loss = 0.0f;
@@ -524,6 +546,15 @@ class CudaEngine {
       MOEROUTE_CUDA_CHECK(
           cudaMemcpyAsync(pinned_f64_.data(), prob_f64_.data(), std::size_t(E) * 8, cudaMemcpyDeviceToHost, stream_));
       MOEROUTE_CUDA_CHECK(cudaMemcpyAsync(pinned_f64_.data() + E, scalars_.data(), 8, cudaMemcpyDeviceToHost, stream_));
+      const std::size_t seq_cells = out.seq_counts.size();
+      if constexpr (detail::needs_sequence_stats<B>) {
+        pinned_seq_i64_.reserve(seq_cells);
+        pinned_seq_f32_.reserve(seq_cells);
+        MOEROUTE_CUDA_CHECK(cudaMemcpyAsync(pinned_seq_i64_.data(), out.seq_counts.data(), seq_cells * 8,
+                                            cudaMemcpyDeviceToHost, stream_));
+        MOEROUTE_CUDA_CHECK(cudaMemcpyAsync(pinned_seq_f32_.data(), out.seq_prob_sums.data(), seq_cells * 4,
+                                            cudaMemcpyDeviceToHost, stream_));
+      }
       MOEROUTE_CUDA_CHECK(cudaStreamSynchronize(stream_));
       check_errors(x);  // a failed batch reaches no balancer
       red_i64_.assign(pinned_i64_.data(), pinned_i64_.data() + E);
@@ -538,6 +569,11 @@ class CudaEngine {
       g_lse_sq_ = red_f64_[std::size_t(E)];
       local_tokens_ = T;
       top_k_ = k;
+      seq_len_ = out.sequence_length;
+      if constexpr (detail::needs_sequence_stats<B>) {
+        g_seq_counts_.assign(pinned_seq_i64_.data(), pinned_seq_i64_.data() + seq_cells);
+        g_seq_probs_.assign(pinned_seq_f32_.data(), pinned_seq_f32_.data() + seq_cells);
+      }
       out.global_tokens = g_tokens_;
       out.global_lse_sq_sum = g_lse_sq_;
       if (!out.global_counts.empty())
@@ -549,10 +585,7 @@ class CudaEngine {
       if (!training) return;
       const BalanceStats s = host_stats_view(E);
       if constexpr (detail::has_aux_loss<B>) {
-        host_dprob_.assign(std::size_t(E), 0.0f);
-        AuxGradient g;
-        g.dprob = host_dprob_;
-        out.aux_loss = bal.aux_loss(s, g);
+        out.aux_loss = bal.aux_loss(s, host_aux_gradient(E));
       }
       if constexpr (detail::has_observe<B>) bal.observe(s);
     }
@@ -577,13 +610,17 @@ class CudaEngine {
         const index_t E = x.cols;
         detail::require(g_counts_.size() == std::size_t(E) && local_tokens_ == x.rows, "routing",
                         "backward needs the statistics of the matching route call");
-        host_dprob_.assign(std::size_t(E), 0.0f);
-        AuxGradient g;
-        g.dprob = host_dprob_;
+        AuxGradient& g = host_aux_gradient(E);
         bal.aux_loss(host_stats_view(E), g);
         if (g.any_dprob) {
           stage_upload(dprob_.data(), host_dprob_.data(), E);
           aux.dprob = dprob_.data();
+          if (!host_dprob_seq_.empty()) {
+            dprob_seq_.reserve(host_dprob_seq_.size());
+            stage_upload(dprob_seq_.data(), host_dprob_seq_.data(), index_t(host_dprob_seq_.size()));
+            aux.dprob_seq = dprob_seq_.data();
+            aux.sequence_length = seq_len_;
+          }
         }
         aux.dlse_sq = g.dlse_sq;
       }
@@ -631,16 +668,26 @@ class CudaEngine {
     int warps = 8;
     int tokens_per_warp = 1;
     index_t blocks = 0;
+    index_t segment = 0;             // tokens per segment (0: one segment)
+    index_t blocks_per_segment = 0;  // 0: all blocks
   };
   static int vpt_of(index_t E) noexcept { return E <= 128 ? 4 : E <= 256 ? 8 : E <= 512 ? 16 : 128; }
-  /// Tokens per block depend only on (T, E), so the fp64 reduction order is the same on
-  /// every run and every GPU.
-  static Launch launch_of(index_t T, index_t E) noexcept {
+  /// Tokens per block depend only on (T, E, sequence length), so the fp64 reduction order is
+  /// the same on every run and every GPU. With sequences (seq_len > 0) each sequence gets
+  /// its own blocks, so per-block partials add up to per-sequence statistics.
+  static Launch launch_of(index_t T, index_t E, index_t seq_len = 0) noexcept {
     Launch l;
     l.warps = E <= 512 ? 8 : 4;
     l.tokens_per_warp = T >= 32768 ? 16 : T >= 8192 ? 4 : 1;
     const index_t tpb = index_t(l.warps) * l.tokens_per_warp;
-    l.blocks = (T + tpb - 1) / tpb;
+    if (seq_len > 0 && T > 0) {
+      l.segment = seq_len;
+      l.blocks_per_segment = (seq_len + tpb - 1) / tpb;
+      l.blocks = (T / seq_len) * l.blocks_per_segment;
+    } else {
+      l.blocks = (T + tpb - 1) / tpb;
+      l.blocks_per_segment = l.blocks;
+    }
     return l;
   }
 
@@ -752,7 +799,24 @@ class CudaEngine {
     s.lse_sq_sum = g_lse_sq_;
     s.local_tokens = local_tokens_;
     for (std::int64_t v : g_counts_) s.assignments += v;
+    if (!g_seq_counts_.empty()) {
+      s.sequence_length = seq_len_;
+      s.seq_counts = g_seq_counts_;
+      s.seq_prob_sums = g_seq_probs_;
+    }
     return s;
+  }
+
+  /// A zeroed host gradient record for the last route's statistics (dprob, and dprob_seq
+  /// when there are per-sequence statistics).
+  AuxGradient& host_aux_gradient(index_t E) {
+    host_dprob_.assign(std::size_t(E), 0.0f);
+    host_dprob_seq_.assign(g_seq_counts_.size(), 0.0f);
+    host_grad_ = AuxGradient{};
+    host_grad_.dprob = host_dprob_;
+    host_grad_.dprob_seq = host_dprob_seq_;
+    host_grad_.sequence_length = seq_len_;
+    return host_grad_;
   }
 
   /// An owned event (moves, never copies).
@@ -775,13 +839,17 @@ class CudaEngine {
   cuda_detail::DeviceArray<double> part_prob_, part_lse_, prob_f64_, scalars_;
   cuda_detail::DeviceArray<int> part_count_, plan_part_;
   cuda_detail::DeviceArray<unsigned long long> bad_;
-  cuda_detail::DeviceArray<float> bias_, dprob_;
+  cuda_detail::DeviceArray<float> bias_, dprob_, dprob_seq_;
   cuda_detail::PinnedArray<float> staging_;
   cuda_detail::PinnedArray<std::int64_t> pinned_i64_;
   cuda_detail::PinnedArray<double> pinned_f64_;
+  cuda_detail::PinnedArray<std::int64_t> pinned_seq_i64_;
+  cuda_detail::PinnedArray<float> pinned_seq_f32_;
   // host copies of the last route's global statistics (for the balancers' host hooks)
-  std::vector<float> host_bias_, host_dprob_, g_probs_;
-  std::vector<std::int64_t> g_counts_, red_i64_;
+  std::vector<float> host_bias_, host_dprob_, host_dprob_seq_, g_probs_, g_seq_probs_;
+  std::vector<std::int64_t> g_counts_, red_i64_, g_seq_counts_;
+  AuxGradient host_grad_;
+  index_t seq_len_ = 0;
   std::vector<double> red_f64_;
   index_t g_tokens_ = 0, local_tokens_ = 0, top_k_ = 0, dev_experts_ = 0;
   // device-side balancing: the balancer's device image (its type is the Router's balancer)

@@ -273,6 +273,11 @@ struct ForwardParams {
   index_t stride = 0;
   int T = 0, E = 0, k = 0;
   int tokens_per_warp = 1;
+  /// Tokens are cut into segments of `segment` tokens (0: one segment of T), each routed by
+  /// `blocks_per_segment` blocks (0: all), so no block straddles two sequences and the
+  /// per-block partials also give per-sequence statistics.
+  index_t segment = 0;
+  int blocks_per_segment = 0;
   const float* bias = nullptr;  ///< [E] score-space selection bias, or null
   bool renormalize = false;
   float scaling = 1.0f;
@@ -285,8 +290,9 @@ struct ForwardParams {
   unsigned long long* bad = nullptr;  ///< first bad logit, coded t·(E+1)+e (e = E: all NaN)
 };
 
-/// Fused routing forward. Block b routes the contiguous tokens [b·tpb, (b+1)·tpb), tpb =
-/// warps · tokens_per_warp, warp w taking tokens b·tpb + i·warps + w. Per-block statistics
+/// Fused routing forward. Block b = q·bps + j routes the contiguous tokens [t0, t0 + tpb) ∩
+/// segment q, t0 = q·segment + j·tpb, tpb = warps · tokens_per_warp, warp w taking tokens
+/// t0 + i·warps + w. Per-block statistics
 /// are combined in warp order (fixed), so the fp64 sums do not depend on scheduling. `Se`:
 /// TopK<k> (k from P.k) or GroupTopK.
 template <class Sc, class Se, class L, int VPT>
@@ -299,7 +305,11 @@ __global__ void __launch_bounds__(256) route_forward_kernel(ForwardParams<L> P) 
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, W = blockDim.x >> 5;
   const int E = P.E, k = P.k;
   const index_t tpb = index_t(W) * P.tokens_per_warp;
-  const index_t t0 = index_t(blockIdx.x) * tpb;
+  const index_t seg_len = P.segment > 0 ? P.segment : index_t(P.T);
+  const index_t bps = P.blocks_per_segment > 0 ? index_t(P.blocks_per_segment) : index_t(gridDim.x);
+  const index_t seg = index_t(blockIdx.x) / bps;
+  const index_t t0 = seg * seg_len + (index_t(blockIdx.x) % bps) * tpb;
+  const index_t t_end = (seg + 1) * seg_len < index_t(P.T) ? (seg + 1) * seg_len : index_t(P.T);
 
   float bias[VPT];
 #pragma unroll(VPT <= 16 ? VPT : 1)
@@ -323,7 +333,7 @@ __global__ void __launch_bounds__(256) route_forward_kernel(ForwardParams<L> P) 
 
   for (int i = 0; i < P.tokens_per_warp; ++i) {
     const index_t t = t0 + index_t(i) * W + w;  // warp-uniform
-    if (t >= P.T) break;
+    if (t >= t_end) break;
     const L* row = P.x + t * P.stride;
 
     // load, with the non-finite policy: record the first offending logit (row-major)
@@ -510,6 +520,25 @@ __global__ void __launch_bounds__(reduce_threads)
   } else {
     *lse_sq_sum = part_lse ? sp[0] : 0.0;
   }
+}
+
+/// Per-sequence statistics from the per-block partials of a segmented forward: thread
+/// (q, e) adds the bps blocks of sequence q in block order, so the sums depend only on
+/// (T, E, sequence length).
+__global__ void __launch_bounds__(reduce_threads)
+    reduce_seq_stats_kernel(int sequences, int bps, int E, const double* part_prob, const int* part_count,
+                            std::int64_t* seq_counts, float* seq_prob_sums) {
+  const index_t i = index_t(blockIdx.x) * reduce_threads + threadIdx.x;
+  if (i >= index_t(sequences) * E) return;
+  const index_t q = i / E, e = i % E;
+  double ps = 0.0;
+  long long cs = 0;
+  for (index_t b = q * bps; b < (q + 1) * bps; ++b) {
+    ps = __dadd_rn(ps, part_prob[b * E + e]);
+    cs += part_count[b * E + e];
+  }
+  seq_counts[i] = cs;
+  seq_prob_sums[i] = float(ps);
 }
 
 // ---------------------------------------------------------------------------------------
