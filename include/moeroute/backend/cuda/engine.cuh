@@ -98,6 +98,56 @@ inline void download_now(T* dst, const T* src, std::size_t n, cudaStream_t s) {
   MOEROUTE_CUDA_CHECK(cudaStreamSynchronize(s));
 }
 
+/// One field of a balancer's state record (as its save() writes it) in device memory: `n`
+/// values of T, or with `scalar` one write_scalar value (T = std::int64_t).
+template <class T>
+struct StateField {
+  T* device;
+  std::size_t n;
+  bool scalar = false;
+};
+
+template <class V>
+void upload_field(StateReader& r, const StateField<V>& f, cudaStream_t s) {
+  std::vector<V> host(f.n);
+  if (f.scalar)
+    host[0] = V(r.read_i64());
+  else
+    r.read(std::span<V>(host));
+  upload_now(f.device, host.data(), host.size(), s);
+}
+template <class V>
+void download_field(StateWriter& w, const StateField<V>& f, cudaStream_t s) {
+  std::vector<V> host(f.n);
+  download_now(host.data(), f.device, host.size(), s);
+  if (f.scalar)
+    w.write_scalar(std::int64_t(host[0]));
+  else
+    w.write(std::span<const V>(host));
+}
+
+/// Copies a host balancer's state into device fields: the balancer's own record (save), read
+/// field by field in record order (synchronous: uploads happen outside graph capture).
+template <class B, class... T>
+void upload_record(const B& h, const std::tuple<StateField<T>...>& fields, cudaStream_t s) {
+  StateWriter w;
+  h.save(w);
+  StateReader r(std::span<const std::byte>(w.bytes()));
+  r.section(B::identity());
+  std::apply([&](const auto&... f) { (upload_field(r, f, s), ...); }, fields);
+}
+
+/// The inverse of upload_record: the device fields, written as the balancer's record and
+/// given to its load() (synchronises).
+template <class B, class... T>
+void download_record(B& h, const std::tuple<StateField<T>...>& fields, cudaStream_t s) {
+  StateWriter w;
+  w.section(B::identity());
+  std::apply([&](const auto&... f) { (download_field(w, f, s), ...); }, fields);
+  StateReader r(std::span<const std::byte>(w.bytes()));
+  h.load(r);
+}
+
 template <class Rule>
 struct DeviceBalancer<LossFree<Rule>> {
   using B = LossFree<Rule>;
@@ -106,37 +156,19 @@ struct DeviceBalancer<LossFree<Rule>> {
   DeviceArray<long long> pending;  // [E] counts, then the batch count
   index_t E = 0;
 
-  /// Reads the host balancer's state through its own record (save) and copies it over.
+  /// The state record's fields in device memory: b, the pending counts, the batch count.
+  auto fields() const {
+    auto* c = reinterpret_cast<std::int64_t*>(pending.data());
+    return std::tuple{StateField<float>{b.data(), std::size_t(E)}, StateField<std::int64_t>{c, std::size_t(E)},
+                      StateField<std::int64_t>{c + E, 1, true}};
+  }
   void upload(const B& h, index_t experts, cudaStream_t s) {
     E = experts;
-    StateWriter w;
-    h.save(w);
-    StateReader r(std::span<const std::byte>(w.bytes()));
-    r.section(B::identity());
-    std::vector<float> hb(static_cast<std::size_t>(E));
-    std::vector<std::int64_t> hc(std::size_t(E) + 1);
-    r.read(std::span<float>(hb));
-    r.read(std::span<std::int64_t>(hc.data(), std::size_t(E)));
-    hc[std::size_t(E)] = r.read_i64();
     b.reserve(std::size_t(E));
     pending.reserve(std::size_t(E) + 1);
-    upload_now(b.data(), hb.data(), hb.size(), s);
-    upload_now(pending.data(), reinterpret_cast<const long long*>(hc.data()), hc.size(), s);
+    upload_record(h, fields(), s);
   }
-  /// Writes the device state into the host balancer (through its own load).
-  void download(B& h, cudaStream_t s) const {
-    std::vector<float> hb(static_cast<std::size_t>(E));
-    std::vector<std::int64_t> hc(std::size_t(E) + 1);
-    download_now(hb.data(), b.data(), hb.size(), s);
-    download_now(reinterpret_cast<long long*>(hc.data()), pending.data(), hc.size(), s);
-    StateWriter w;
-    w.section(B::identity());
-    w.write(std::span<const float>(hb));
-    w.write(std::span<const std::int64_t>(hc.data(), std::size_t(E)));
-    w.write_scalar(hc[std::size_t(E)]);
-    StateReader r(std::span<const std::byte>(w.bytes()));
-    h.load(r);
-  }
+  void download(B& h, cudaStream_t s) const { download_record(h, fields(), s); }
   [[nodiscard]] const float* bias() const noexcept { return b.data(); }
   static constexpr bool has_dprob = false;
   void aux(const B&, const DeviceStats&, float*, float*, float&, cudaStream_t) const {}
@@ -160,39 +192,19 @@ struct DeviceBalancer<PhiBalancing<Pot, Rule>> {
   DeviceArray<long long> acc_tokens;
   index_t E = 0;
 
+  /// The state record's fields in device memory: m, the accumulators, their token count.
+  auto fields() const {
+    return std::tuple{StateField<float>{m.data(), std::size_t(E)}, StateField<double>{acc.data(), std::size_t(E)},
+                      StateField<std::int64_t>{reinterpret_cast<std::int64_t*>(acc_tokens.data()), 1, true}};
+  }
   void upload(const B& h, index_t experts, cudaStream_t s) {
     E = experts;
-    StateWriter w;
-    h.save(w);
-    StateReader r(std::span<const std::byte>(w.bytes()));
-    r.section(B::identity());
-    std::vector<float> hm(static_cast<std::size_t>(E));
-    std::vector<double> ha(static_cast<std::size_t>(E));
-    r.read(std::span<float>(hm));
-    r.read(std::span<double>(ha));
-    const long long n = r.read_i64();
     m.reserve(std::size_t(E));
     acc.reserve(std::size_t(E));
     acc_tokens.reserve(1);
-    upload_now(m.data(), hm.data(), hm.size(), s);
-    upload_now(acc.data(), ha.data(), ha.size(), s);
-    upload_now(acc_tokens.data(), &n, 1, s);
+    upload_record(h, fields(), s);
   }
-  void download(B& h, cudaStream_t s) const {
-    std::vector<float> hm(static_cast<std::size_t>(E));
-    std::vector<double> ha(static_cast<std::size_t>(E));
-    long long n = 0;
-    download_now(hm.data(), m.data(), hm.size(), s);
-    download_now(ha.data(), acc.data(), ha.size(), s);
-    download_now(&n, acc_tokens.data(), 1, s);
-    StateWriter w;
-    w.section(B::identity());
-    w.write(std::span<const float>(hm));
-    w.write(std::span<const double>(ha));
-    w.write_scalar(std::int64_t(n));
-    StateReader r(std::span<const std::byte>(w.bytes()));
-    h.load(r);
-  }
+  void download(B& h, cudaStream_t s) const { download_record(h, fields(), s); }
   [[nodiscard]] const float* bias() const noexcept { return nullptr; }
   static constexpr bool has_dprob = true;
   void aux(const B& h, const DeviceStats& st, float* dprob, float* loss, float&, cudaStream_t s) const {
