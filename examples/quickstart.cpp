@@ -1,7 +1,6 @@
 // Route a batch, take the gradient, update the balancer: one training step of a router.
-#include <moeroute/moeroute.hpp>
-
 #include <cstdio>
+#include <moeroute/moeroute.hpp>
 #include <random>
 #include <vector>
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds moeroute and runs its tests: a -Werror Release build of everything (tests,
 # examples, benchmarks; the CUDA backend too when nvcc is present, compiled only), then the
-# tests again under AddressSanitizer + UBSan. Installs its Debian dependencies first.
+# tests again under AddressSanitizer + UBSan. Installs its Debian dependencies first and
+# checks the formatting (scripts/check_format.sh) before building.
 #
 #   bash scripts/test.sh            # everything
 #   MOEROUTE_NO_SANITIZE=1 bash scripts/test.sh   # skip the sanitizer pass
@@ -12,6 +13,9 @@ JOBS=${JOBS:-$(nproc)}
 
 bash scripts/install_deps.sh build-essential cmake pkg-config libeigen3-dev libxsimd-dev doctest-dev \
   libbenchmark-dev libtorch-dev python3-torch libopenmpi-dev openmpi-bin python3-matplotlib
+
+echo "== Formatting (clang-format 14)"
+bash scripts/check_format.sh
 
 CUDA_ARGS=()
 if [ -x /usr/local/cuda/bin/nvcc ]; then

@@ -9,8 +9,6 @@
 #include <doctest/doctest.h>
 #include <nccl.h>
 
-#include "distributed_fixtures.hpp"
-
 #include <cstring>
 #include <moeroute/balancing/compose.hpp>
 #include <moeroute/balancing/loss_free.hpp>
@@ -23,6 +21,8 @@
 #include <random>
 #include <thread>
 #include <vector>
+
+#include "distributed_fixtures.hpp"
 
 namespace mr = moeroute;
 using mr::index_t;

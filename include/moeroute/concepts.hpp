@@ -17,6 +17,7 @@ namespace moeroute {
 /// `select_batch(keys [T,E], C, token_ids [E,C], std::span<std::int32_t> scratch)`, where the
 /// engine passes a reusable scratch of at least T entries (so selection need not allocate).
 template <class S>
+// clang-format off
 concept SelectionPolicy = requires(const RouterConfig& c) {
   { S::choice } -> std::convertible_to<ChoiceKind>;
   { S::name } -> std::convertible_to<const char*>;
@@ -33,6 +34,7 @@ concept SelectionPolicy = requires(const RouterConfig& c) {
          { S::capacity(n, n, c) } -> std::convertible_to<index_t>;
          S::select_batch(keys, n, out, scratch);
        }));
+// clang-format on
 
 /// A balancer: a type with a `Config` struct, a `name`, and a constructor
 /// `B(index_t num_experts, const B::Config&)` that validates the config. Every hook is
@@ -50,8 +52,10 @@ concept SelectionPolicy = requires(const RouterConfig& c) {
 /// - `void reset()` clears what `observe` recorded without updating.
 /// - `save(W&) const` / `load(R&)` checkpoint the state.
 template <class B>
+// clang-format off
 concept Balancer = requires { typename B::Config; { B::name } -> std::convertible_to<const char*>; } &&
                    std::constructible_from<B, index_t, const typename B::Config&>;
+// clang-format on
 
 /// A communicator for global (data-parallel) statistics: in-place all-reduce sums.
 template <class C>
@@ -64,7 +68,9 @@ concept Communicator = requires(C& c, std::span<double> d, std::span<std::int64_
 
 namespace detail {
 template <class B>
-concept has_selection_bias = requires(const B& b, std::span<float> s) { b.selection_bias(s); };
+concept has_selection_bias = requires(const B& b, std::span<float> s) {
+  b.selection_bias(s);
+};
 template <class B>
 concept has_logit_offset = requires(B& b, MatrixView<const float> z, std::span<float> c, bool t) {
   b.selection_logit_offset(z, c, t);
@@ -78,13 +84,21 @@ concept has_aux_loss = requires(const B& b, const BalanceStats& s, AuxGradient& 
   { b.aux_loss(s, g) } -> std::convertible_to<float>;
 };
 template <class B>
-concept has_observe = requires(B& b, const BalanceStats& s) { b.observe(s); };
+concept has_observe = requires(B& b, const BalanceStats& s) {
+  b.observe(s);
+};
 template <class B>
-concept has_step = requires(B& b) { b.step(); };
+concept has_step = requires(B& b) {
+  b.step();
+};
 template <class B>
-concept has_reset = requires(B& b) { b.reset(); };
+concept has_reset = requires(B& b) {
+  b.reset();
+};
 template <class B>
+// clang-format off
 concept needs_sequence_stats = requires { B::needs_sequence_stats; } && B::needs_sequence_stats;
+// clang-format on
 }  // namespace detail
 
 }  // namespace moeroute

@@ -158,10 +158,10 @@ struct float16 {
     const std::uint32_t u = std::bit_cast<std::uint32_t>(f);
     const std::uint32_t sign = (u >> 16) & 0x8000u;
     const std::uint32_t abs = u & 0x7fffffffu;
-    if (abs > 0x7f800000u) return std::uint16_t(sign | 0x7e00u);  // NaN
+    if (abs > 0x7f800000u) return std::uint16_t(sign | 0x7e00u);   // NaN
     if (abs >= 0x477ff000u) return std::uint16_t(sign | 0x7c00u);  // rounds to >= 65520: inf
-    if (abs < 0x38800000u) {                                        // subnormal or zero in fp16
-      if (abs < 0x33000000u) return std::uint16_t(sign);            // below half the smallest subnormal
+    if (abs < 0x38800000u) {                                       // subnormal or zero in fp16
+      if (abs < 0x33000000u) return std::uint16_t(sign);           // below half the smallest subnormal
       const std::uint32_t man = (abs & 0x7fffffu) | 0x800000u;
       const int shift = 126 - int(abs >> 23);  // 14..24
       std::uint32_t r = man >> shift;
@@ -177,8 +177,10 @@ struct float16 {
 
 /// Element types accepted as router logits.
 template <class T>
+// clang-format off
 concept LogitElement = std::same_as<std::remove_const_t<T>, float> || std::same_as<std::remove_const_t<T>, bfloat16> ||
                        std::same_as<std::remove_const_t<T>, float16>;
+// clang-format on
 
 /// Converts a logit element to fp32.
 template <LogitElement T>
@@ -207,9 +209,11 @@ struct MatrixView {
   /// Contiguous rows (stride = cols).
   constexpr MatrixView(T* d, index_t r, index_t c) : data(d), rows(r), cols(c), stride(c) {}
   /// A view of mutable data converts to a view of const data.
+  // clang-format off
   template <class U>
     requires(std::is_same_v<const U, T> && !std::is_same_v<U, T>)
   constexpr MatrixView(const MatrixView<U>& o) : data(o.data), rows(o.rows), cols(o.cols), stride(o.stride) {}
+  // clang-format on
 
   MOEROUTE_HD constexpr T& operator()(index_t r, index_t c) const noexcept { return data[r * stride + c]; }
   MOEROUTE_HD constexpr T* row_ptr(index_t r) const noexcept { return data + r * stride; }

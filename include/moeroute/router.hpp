@@ -25,7 +25,9 @@ namespace detail {
 /// A backend whose views hold device memory (CudaBackend): Router hands each call to the
 /// engine's route_device / backward_device / step_device.
 template <class B>
+// clang-format off
 concept device_backend = requires { B::device; } && B::device;
+// clang-format on
 }  // namespace detail
 
 /// A Mixture-of-Experts router.
@@ -74,9 +76,7 @@ class Router {
   /// E, the number of experts.
   [[nodiscard]] index_t num_experts() const noexcept { return config_.num_experts; }
   /// Token choice: k. Expert choice: not defined (see slots()).
-  [[nodiscard]] index_t top_k() const noexcept
-    requires(Selection::choice == ChoiceKind::token)
-  {
+  [[nodiscard]] index_t top_k() const noexcept requires(Selection::choice == ChoiceKind::token) {
     return Selection::k(config_);
   }
   /// Row length of RoutingView::ids for a batch of `tokens`: k, or the expert capacity C.
@@ -190,9 +190,7 @@ class Router {
  public:
   /// route() for a view of mutable logits (they are only read).
   template <LogitElement L>
-  void route(MatrixView<L> logits, RoutingView& out)
-    requires(!std::is_const_v<L>)
-  {
+  void route(MatrixView<L> logits, RoutingView& out) requires(!std::is_const_v<L>) {
     route(MatrixView<const L>(logits), out);
   }
 
@@ -229,9 +227,7 @@ class Router {
   /// backward() for a view of mutable logits (they are only read).
   template <LogitElement L>
   void backward(MatrixView<L> logits, const RoutingView& routing, MatrixView<const float> grad_gates,
-                MatrixView<float> grad_logits)
-    requires(!std::is_const_v<L>)
-  {
+                MatrixView<float> grad_logits) requires(!std::is_const_v<L>) {
     backward(MatrixView<const L>(logits), routing, grad_gates, grad_logits);
   }
 
@@ -255,7 +251,9 @@ class Router {
   [[nodiscard]] std::vector<std::byte> save_state() const {
     StateWriter w;
     if constexpr (requires { balancer_.save(w); }) {
+      // clang-format off
       if constexpr (requires(Balancing& b) { engine_.download_state(b); }) {
+        // clang-format on
         Balancing live = balancer_;  // a device backend may hold the live state
         engine_.download_state(live);
         live.save(w);
@@ -277,7 +275,9 @@ class Router {
   void load_state(std::span<const std::byte> blob) {
     StateHeader header;
     StateReader r = detail::open_state(blob, config_.num_experts, policy_id(), header);
+    // clang-format off
     if constexpr (requires(StateReader& rr) { balancer_.load(rr); }) {
+      // clang-format on
       static_assert(std::is_copy_constructible_v<Balancing> && std::is_move_assignable_v<Balancing>,
                     "Router::load_state: the balancer must be copyable (it is loaded into a copy first)");
       Balancing staged = balancer_;

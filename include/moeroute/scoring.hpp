@@ -61,6 +61,7 @@ struct SqrtSoftplus {
 /// A scoring policy: a type with `form` and a `name`; element-wise forms also provide
 /// `score(z)` and `derivative(z, s)` usable on host (and device, marked MOEROUTE_HD).
 template <class S>
+// clang-format off
 concept ScoringPolicy = requires {
   { S::form } -> std::convertible_to<ScoreForm>;
   { S::name } -> std::convertible_to<const char*>;
@@ -68,6 +69,7 @@ concept ScoringPolicy = requires {
   { S::score(z) } -> std::same_as<float>;
   { S::derivative(z, s) } -> std::same_as<float>;
 });
+// clang-format on
 
 /// Denominator guard used wherever scores are normalised (as in Megatron-Core).
 inline constexpr float normalize_epsilon = 1e-20f;

@@ -9,14 +9,14 @@
 #include <doctest/doctest.h>
 #include <mpi.h>
 
-#include "../distributed_fixtures.hpp"
-
 #include <cstdint>
 #include <cstring>
 #include <moeroute/comm/mpi.hpp>
 #include <moeroute/moeroute.hpp>
 #include <random>
 #include <vector>
+
+#include "../distributed_fixtures.hpp"
 
 namespace mr = moeroute;
 using mr::index_t;
