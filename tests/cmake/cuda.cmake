@@ -32,13 +32,44 @@ string(REPLACE "__shared__" "static" MOEROUTE_EMU_SRC "${MOEROUTE_EMU_SRC}")
 # one warp per reduction/scan block keeps the emulation fast (the kernels are generic in it)
 string(REPLACE "reduce_threads = 128;" "reduce_threads = 32;" MOEROUTE_EMU_SRC "${MOEROUTE_EMU_SRC}")
 string(REPLACE "plan_threads = 128;" "plan_threads = 32;" MOEROUTE_EMU_SRC "${MOEROUTE_EMU_SRC}")
-file(WRITE ${CMAKE_CURRENT_BINARY_DIR}/cuda_emu/kernels_emu.hpp.in "${MOEROUTE_EMU_SRC}")
-configure_file(${CMAKE_CURRENT_BINARY_DIR}/cuda_emu/kernels_emu.hpp.in ${CMAKE_CURRENT_BINARY_DIR}/cuda_emu/kernels_emu.hpp
-               COPYONLY)  # rewritten only when it changes
+# Writes `text` to `path`, touching the file only when it changes (no needless rebuilds).
+function(moeroute_emu_write path text)
+  file(WRITE ${path}.in "${text}")
+  configure_file(${path}.in ${path} COPYONLY)
+endfunction()
+set(MOEROUTE_EMU_DIR ${CMAKE_CURRENT_BINARY_DIR}/cuda_emu)
+moeroute_emu_write(${MOEROUTE_EMU_DIR}/kernels_emu.hpp "${MOEROUTE_EMU_SRC}")
+
+# The engine (engine.cuh, common.cuh) for the emulator too: relative includes become
+# <moeroute/...>, and each kernel launch `k<<<g, b, smem, s>>>(args)` becomes
+# `k | emu::Config{g, b, smem, s} | emu::args(args)` (see emulator/cuda_runtime.h).
+set(MOEROUTE_EMU_CUDA ${MOEROUTE_EMU_DIR}/moeroute/backend/cuda)
+moeroute_emu_write(${MOEROUTE_EMU_CUDA}/kernels.cuh "${MOEROUTE_EMU_SRC}")
+foreach(header common engine)
+  file(READ ${PROJECT_SOURCE_DIR}/include/moeroute/backend/cuda/${header}.cuh MOEROUTE_EMU_H)
+  string(REPLACE "#include \"../../" "#include <moeroute/" MOEROUTE_EMU_H "${MOEROUTE_EMU_H}")
+  string(REGEX REPLACE "#include <moeroute/([a-z_/]+\\.hpp)\"" "#include <moeroute/\\1>" MOEROUTE_EMU_H
+         "${MOEROUTE_EMU_H}")
+  string(REPLACE "<<<" " | emu::Config{" MOEROUTE_EMU_H "${MOEROUTE_EMU_H}")
+  string(REPLACE ">>>(" "} | emu::args(" MOEROUTE_EMU_H "${MOEROUTE_EMU_H}")
+  moeroute_emu_write(${MOEROUTE_EMU_CUDA}/${header}.cuh "${MOEROUTE_EMU_H}")
+endforeach()
 set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS
-             ${PROJECT_SOURCE_DIR}/include/moeroute/backend/cuda/kernels.cuh)
+             ${PROJECT_SOURCE_DIR}/include/moeroute/backend/cuda/kernels.cuh
+             ${PROJECT_SOURCE_DIR}/include/moeroute/backend/cuda/common.cuh
+             ${PROJECT_SOURCE_DIR}/include/moeroute/backend/cuda/engine.cuh)
 moeroute_add_test(test_kernels_emulated ${CMAKE_CURRENT_SOURCE_DIR}/cuda/test_kernels_emulated.cpp
                   LIBS Threads::Threads)
 target_include_directories(test_kernels_emulated BEFORE PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/cuda/emulator
                            ${CMAKE_CURRENT_BINARY_DIR}/cuda_emu)
 target_compile_options(test_kernels_emulated PRIVATE -Wno-unknown-pragmas -ffp-contract=off)
+
+# The GPU test suite itself, run through the emulator against the real engine code (Router's
+# device path, device-side balancing, graph capture; shapes scaled down): compiled as C++
+# from a copy of test_cuda_backend.cu.
+configure_file(${CMAKE_CURRENT_SOURCE_DIR}/cuda/test_cuda_backend.cu ${MOEROUTE_EMU_DIR}/test_cuda_backend.cu.cpp COPYONLY)
+moeroute_add_test(test_engine_emulated ${MOEROUTE_EMU_DIR}/test_cuda_backend.cu.cpp LIBS Threads::Threads)
+target_include_directories(test_engine_emulated BEFORE PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/cuda/emulator
+                           ${MOEROUTE_EMU_DIR})
+target_compile_definitions(test_engine_emulated PRIVATE MOEROUTE_CUDA_EMULATED=1)
+target_compile_options(test_engine_emulated PRIVATE -Wno-unknown-pragmas -ffp-contract=off)

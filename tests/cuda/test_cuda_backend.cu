@@ -19,6 +19,18 @@ using namespace moeroute;
 
 namespace {
 
+#ifdef MOEROUTE_CUDA_EMULATED
+// Built for the CPU emulator (tests/cuda/emulator): every CUDA thread is a host thread, so
+// token counts are scaled down; E, k and the structure of every case stay.
+constexpr bool emulated = true;
+#else
+constexpr bool emulated = false;
+#endif
+/// The token count of a case: T on a GPU, at most 24 in emulation.
+index_t tokens(index_t T) { return emulated ? std::min<index_t>(T, 24) : T; }
+/// The token count of a case: `gpu` on a GPU, `emu` in emulation.
+index_t tokens(index_t gpu, index_t emu) { return emulated ? emu : gpu; }
+
 bool cuda_ready() {
   static const int n = cuda_device_count();
   if (n == 0) {
@@ -176,6 +188,7 @@ std::vector<float> make_input(Input kind, index_t T, index_t E, unsigned seed) {
 template <class Sc, class L, class Bal = NoBalancing, class Se = TopKRuntime>
 void compare(index_t T, index_t E, index_t k, Input kind, bool renorm, float scaling, unsigned seed,
              const typename Bal::Config& bal = {}) {
+  T = tokens(T);
   CAPTURE(T);
   CAPTURE(E);
   CAPTURE(k);
@@ -308,7 +321,7 @@ TEST_CASE("cuda: GroupTopK (both group scores, with a selection bias, ties, the 
   compare<Softmax, float, NoBalancing, GroupTopK<6, 4, 2, GroupScore::max>>(500, 68, 6, Input::ties, false, 1.0f, 63);
   compare<SoftmaxOverSelected, float, NoBalancing, GroupTopK<3, 4, 1>>(500, 68, 3, Input::random, false, 1.0f, 64);
   compare<Softmax, float, NoBalancing, GroupTopK<2, 64, 2>>(500, 64, 2, Input::tiny_spread, true, 1.0f, 65);
-  compare<Softmax, float16, NoBalancing, GroupTopK<8, 16, 3>>(300, 384, 8, Input::huge, true, 1.0f, 66);
+  compare<Softmax, bfloat16, NoBalancing, GroupTopK<8, 16, 3>>(300, 384, 8, Input::huge, true, 1.0f, 66);
   compare<Sigmoid, float, NoBalancing, GroupTopK<8, 40, 2, GroupScore::max>>(50, 1000, 8, Input::random, false, 1.0f,
                                                                              67);
   // the engine's own forward checks the group settings against the logits' E
@@ -411,13 +424,14 @@ void balanced_steps(index_t T, index_t E) {
 
 TEST_CASE("cuda: built-in balancers on the device follow the CPU over steps (state, aux loss, gradients)") {
   if (!cuda_ready()) return;
-  balanced_steps<LossFree<>>(2048, 64);
-  balanced_steps<PhiBalancing<Entropy>>(2048, 64);
-  balanced_steps<SwitchAux>(2048, 64);
-  balanced_steps<ZLoss>(2048, 64);
-  balanced_steps<Balancers<PhiBalancing<Entropy>, LossFree<>, ZLoss>>(2048, 64);
-  balanced_steps<Balancers<LossFree<ProportionalStep>, SwitchAux>>(1000, 200);
-  balanced_steps<LossFree<>, GroupTopK<8, 8, 4>, Sigmoid>(2048, 256);  // DeepSeek-V3's router
+  const index_t T = tokens(2048, 48);
+  balanced_steps<LossFree<>>(T, 64);
+  balanced_steps<PhiBalancing<Entropy>>(T, 64);
+  balanced_steps<SwitchAux>(T, 64);
+  balanced_steps<ZLoss>(T, 64);
+  balanced_steps<Balancers<PhiBalancing<Entropy>, LossFree<>, ZLoss>>(T, 64);
+  balanced_steps<Balancers<LossFree<ProportionalStep>, SwitchAux>>(tokens(1000, 40), 200);
+  balanced_steps<LossFree<>, GroupTopK<8, 8, 4>, Sigmoid>(T, 256);  // DeepSeek-V3's router
 }
 
 namespace {
@@ -483,15 +497,15 @@ void sequence_steps(index_t T, index_t E, index_t L) {
 
 TEST_CASE("cuda: per-sequence statistics and the sequence-wise loss (DeepSeek-V3's router) follow the CPU") {
   if (!cuda_ready()) return;
-  sequence_steps<GroupTopK<8, 8, 4>, Sigmoid>(4096, 256, 1024);
-  sequence_steps<GroupTopK<8, 8, 4>, Sigmoid>(40000, 256, 4000);  // several tokens per warp
-  sequence_steps<TopK<8>, Softmax>(3000, 64, 100);                // sequences end inside blocks
-  sequence_steps<TopK<8>, Softmax>(512, 128, 0);                  // the batch is one sequence
+  sequence_steps<GroupTopK<8, 8, 4>, Sigmoid>(tokens(4096, 64), 256, tokens(1024, 16));
+  sequence_steps<GroupTopK<8, 8, 4>, Sigmoid>(tokens(40000, 40), 256, tokens(4000, 20));  // several tokens per warp
+  sequence_steps<TopK<8>, Softmax>(tokens(3000, 30), 64, tokens(100, 3));                 // sequences end inside blocks
+  sequence_steps<TopK<8>, Softmax>(tokens(512, 24), 128, 0);                              // the batch is one sequence
 }
 
 TEST_CASE("cuda: a step with PhiBalancing + z-loss captured in a CUDA graph follows the CPU") {
   if (!cuda_ready()) return;
-  const index_t T = 4096, E = 128, k = 8;
+  const index_t T = tokens(4096, 64), E = 128, k = 8;
   RouterConfig cfg;
   cfg.num_experts = E;
   cfg.top_k = k;
@@ -606,7 +620,7 @@ TEST_CASE("cuda: non-finite logits are reported like on the CPU; NaN as -inf rou
 
 TEST_CASE("cuda: route + backward captured in a CUDA graph, replayed on new logits") {
   if (!cuda_ready()) return;
-  const index_t T = 4096, E = 256, k = 8;
+  const index_t T = tokens(4096, 64), E = 256, k = 8;
   RouterConfig cfg;
   cfg.num_experts = E;
   cfg.top_k = k;
@@ -669,7 +683,7 @@ TEST_CASE("cuda: a CUDA error is reported with its call site") {
 
 TEST_CASE("cuda: the usage snippet of README.md (CUDA backend)") {
   if (!cuda_ready()) return;
-  const index_t T = 1000, E = 256, k = 8, T_max = 4096;
+  const index_t T = tokens(1000, 40), E = 256, k = 8, T_max = 4096;
   cudaStream_t stream;
   MOEROUTE_CUDA_CHECK(cudaStreamCreate(&stream));
   std::vector<bfloat16> hx(std::size_t(T * E));
