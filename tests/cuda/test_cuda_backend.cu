@@ -367,6 +367,24 @@ float device_aux_loss(const float* p) {
   return v;
 }
 
+/// Backward of the last route on both routers with ∂L/∂gates = 0.25 everywhere: whether
+/// every ∂L/∂logit agrees within 1e-6 relative (floored at 1e-6).
+template <class Ref, class Gpu>
+bool backward_agrees(Ref& ref, const RoutingView& rv, const std::vector<float>& z, Gpu& gpu, const RoutingView& gv,
+                     const Dev<float>& dx) {
+  const index_t T = rv.tokens, E = rv.experts, k = rv.slots;
+  std::vector<float> dg(std::size_t(T * k), 0.25f), dz_ref(std::size_t(T * E));
+  ref.backward(MatrixView<const float>(z.data(), T, E), rv, MatrixView<const float>(dg.data(), T, k),
+               MatrixView<float>(dz_ref.data(), T, E));
+  Dev<float> ddg(dg), ddz(std::size_t(T * E));
+  gpu.backward(MatrixView<const float>(dx.p, T, E), gv, MatrixView<const float>(ddg.p, T, k),
+               MatrixView<float>(ddz.p, T, E));
+  const auto dz = ddz.download();
+  int bad = 0;
+  for (std::size_t i = 0; i < dz.size(); ++i) bad += !close(dz[i], dz_ref[i], 1e-6f, 1e-6f);
+  return bad == 0;
+}
+
 /// Several steps of two micro-batches route → backward, then step, on the GPU (device-side
 /// balancing) and on the reference; ids, aux loss, gradients and the saved state must agree.
 template <class Bal, class Se = TopK<8>, class Sc = Softmax>
@@ -392,16 +410,7 @@ void balanced_steps(index_t T, index_t E) {
       gpu.route(MatrixView<const float>(dx.p, T, E), gv);
       CHECK(dr.ids.download() == std::vector<std::int32_t>(rv.ids.begin(), rv.ids.end()));
       CHECK(close(device_aux_loss(gpu.engine().aux_loss_device()), rv.aux_loss, 1e-6f, 1e-12f));
-      std::vector<float> dg(std::size_t(T * k), 0.25f), dz_ref(std::size_t(T * E));
-      ref.backward(MatrixView<const float>(z.data(), T, E), rv, MatrixView<const float>(dg.data(), T, k),
-                   MatrixView<float>(dz_ref.data(), T, E));
-      Dev<float> ddg(dg), ddz(std::size_t(T * E));
-      gpu.backward(MatrixView<const float>(dx.p, T, E), gv, MatrixView<const float>(ddg.p, T, k),
-                   MatrixView<float>(ddz.p, T, E));
-      const auto dz = ddz.download();
-      int bad = 0;
-      for (std::size_t i = 0; i < dz.size(); ++i) bad += !close(dz[i], dz_ref[i], 1e-6f, 1e-6f);
-      CHECK(bad == 0);
+      CHECK(backward_agrees(ref, rv, z, gpu, gv, dx));
     }
     ref.step();
     gpu.step();
@@ -477,16 +486,7 @@ void sequence_steps(index_t T, index_t E, index_t L) {
     CHECK(rv.aux_loss > 0.0f);
     CHECK(close(gv.aux_loss, rv.aux_loss, 1e-6f, 1e-12f));
 
-    std::vector<float> dg(std::size_t(T * k), 0.25f), dz_ref(std::size_t(T * E));
-    ref.backward(MatrixView<const float>(z.data(), T, E), rv, MatrixView<const float>(dg.data(), T, k),
-                 MatrixView<float>(dz_ref.data(), T, E));
-    Dev<float> ddg(dg), ddz(std::size_t(T * E));
-    gpu.backward(MatrixView<const float>(dx.p, T, E), gv, MatrixView<const float>(ddg.p, T, k),
-                 MatrixView<float>(ddz.p, T, E));
-    const auto dz = ddz.download();
-    bad = 0;
-    for (std::size_t i = 0; i < dz.size(); ++i) bad += !close(dz[i], dz_ref[i], 1e-6f, 1e-6f);
-    CHECK(bad == 0);
+    CHECK(backward_agrees(ref, rv, z, gpu, gv, dx));
     ref.step();
     gpu.step();
     CHECK(gpu.save_state() == ref.save_state());

@@ -61,6 +61,63 @@ cd::BackwardParams<L> contiguous_backward_params(const L* x, index_t T, index_t 
   return P;
 }
 
+/// One emulated forward of contiguous logits x [T, E] and its statistics reduction, with
+/// the host buffers standing in for device memory. `segment` > 0 launches the segmented
+/// (per-sequence) layout; `P` may be adjusted (bias, renormalisation, ...) before run().
+template <class L>
+struct EmuForward {
+  index_t T, E, k, blocks, blocks_per_segment;
+  int warps;
+  std::vector<std::int32_t> ids;
+  std::vector<float> gates, probs, gprobs;
+  std::vector<double> part_prob, part_lse, prob64, lse;
+  std::vector<int> part_count;
+  std::vector<std::int64_t> counts, gcounts;
+  unsigned long long bad = ~0ull;
+  cd::ForwardParams<L> P;
+
+  EmuForward(const L* x, index_t T_, index_t E_, index_t k_, int warps_, int tpw, index_t segment = 0)
+      : T(T_), E(E_), k(k_), warps(warps_) {
+    const index_t tpb = index_t(warps) * tpw;
+    blocks_per_segment = segment > 0 ? (segment + tpb - 1) / tpb : (T + tpb - 1) / tpb;
+    blocks = segment > 0 ? (T / segment) * blocks_per_segment : blocks_per_segment;
+    ids.resize(std::size_t(T * k));
+    gates.resize(ids.size());
+    probs.resize(std::size_t(E));
+    gprobs.resize(probs.size());
+    part_prob.resize(std::size_t(blocks * E));
+    part_lse.resize(std::size_t(blocks));
+    prob64.resize(probs.size());
+    lse.resize(1);
+    part_count.resize(part_prob.size());
+    counts.resize(probs.size());
+    gcounts.resize(probs.size());
+    P.x = x;
+    P.stride = E;
+    P.T = int(T);
+    P.E = int(E);
+    P.k = int(k);
+    P.tokens_per_warp = tpw;
+    P.segment = segment;
+    P.blocks_per_segment = int(blocks_per_segment);
+    P.ids = ids.data();
+    P.gates = gates.data();
+    P.part_prob = part_prob.data();
+    P.part_count = part_count.data();
+    P.part_lse = part_lse.data();
+    P.bad = &bad;
+  }
+  template <class Sc, class Se, int VPT>
+  void run() {
+    emu::launch(dim3(unsigned(blocks)), dim3(unsigned(32 * warps)), std::size_t(E) * 8,
+                [&] { cd::route_forward_kernel<Sc, Se, L, VPT>(P); });
+    emu::launch(dim3(unsigned(E + 1)), dim3(cd::reduce_threads), 0, [&] {
+      cd::reduce_stats_kernel(int(blocks), int(E), part_prob.data(), part_count.data(), P.part_lse, counts.data(),
+                              gcounts.data(), probs.data(), gprobs.data(), prob64.data(), lse.data());
+    });
+  }
+};
+
 template <class Sc, class L, int VPT, class Se = TopKRuntime>
 void run(index_t T, index_t E, index_t k, bool renorm, float scaling, bool use_bias, bool use_aux, unsigned seed) {
   CAPTURE(T);
@@ -101,38 +158,17 @@ void run(index_t T, index_t E, index_t k, bool renorm, float scaling, bool use_b
 
   // launch shapes: fewer warps per block than the engine uses (the kernels are generic in
   // it), two tokens per warp so a warp's statistics span several tokens
-  const int warps = 2, tpw = 2;
-  const index_t blocks = (T + warps * tpw - 1) / (warps * tpw);
-  std::vector<std::int32_t> ids(static_cast<std::size_t>(T * k));
-  std::vector<float> gates(static_cast<std::size_t>(T * k)), probs(static_cast<std::size_t>(E)),
-      gprobs(static_cast<std::size_t>(E));
-  std::vector<double> part_prob(static_cast<std::size_t>(blocks * E)), part_lse(static_cast<std::size_t>(blocks)),
-      prob64(static_cast<std::size_t>(E)), lse(1);
-  std::vector<int> part_count(static_cast<std::size_t>(blocks * E));
-  std::vector<std::int64_t> counts(static_cast<std::size_t>(E)), gcounts(static_cast<std::size_t>(E));
-  unsigned long long bad = ~0ull;
-  cd::ForwardParams<L> P;
-  P.x = x.data();
-  P.stride = E;
-  P.T = int(T);
-  P.E = int(E);
-  P.k = int(k);
-  P.tokens_per_warp = tpw;
-  P.bias = use_bias ? fc.bias.data() : nullptr;
-  P.renormalize = renorm;
-  P.scaling = scaling;
-  P.ids = ids.data();
-  P.gates = gates.data();
-  P.part_prob = part_prob.data();
-  P.part_count = part_count.data();
-  P.part_lse = part_lse.data();
-  P.bad = &bad;
-  emu::launch(dim3(unsigned(blocks)), dim3(unsigned(32 * warps)), std::size_t(E) * 8,
-              [&] { cd::route_forward_kernel<Sc, Se, L, VPT>(P); });
-  emu::launch(dim3(unsigned(E + 1)), dim3(cd::reduce_threads), 0, [&] {
-    cd::reduce_stats_kernel(int(blocks), int(E), part_prob.data(), part_count.data(), part_lse.data(), counts.data(),
-                            gcounts.data(), probs.data(), gprobs.data(), prob64.data(), lse.data());
-  });
+  EmuForward<L> f(x.data(), T, E, k, 2, 2);
+  f.P.bias = use_bias ? fc.bias.data() : nullptr;
+  f.P.renormalize = renorm;
+  f.P.scaling = scaling;
+  f.template run<Sc, Se, VPT>();
+  const auto& ids = f.ids;
+  const auto& counts = f.counts;
+  const auto& gates = f.gates;
+  const auto& probs = f.probs;
+  const auto& lse = f.lse;
+  const unsigned long long bad = f.bad;
   CHECK(bad == ~0ull);
   CHECK(std::equal(ids.begin(), ids.end(), rv.ids.begin()));
   CHECK(std::equal(counts.begin(), counts.end(), rv.counts.begin()));
@@ -364,7 +400,6 @@ void run_balanced(const typename B::Config& bc, index_t T, index_t E, index_t k,
   for (auto& v : skew) v = nd(rng);  // an imbalanced router, so the balancers have work
   RoutingBuffers rb;
   const int warps = 1, tpw = 2;  // one warp per block keeps the emulation light
-  const index_t blocks = (T + warps * tpw - 1) / (warps * tpw);
   for (int step = 0; step < steps; ++step) {
     CAPTURE(step);
     for (int micro = 0; micro < 2; ++micro) {  // two accumulated micro-batches per step
@@ -375,33 +410,13 @@ void run_balanced(const typename B::Config& bc, index_t T, index_t E, index_t k,
       ref.route(MatrixView<const float>(x.data(), T, E), rv);
 
       // device forward: the balancer's selection bias, statistics, then its hooks
-      std::vector<std::int32_t> ids(static_cast<std::size_t>(T * k));
-      std::vector<float> gates(ids.size()), probs(static_cast<std::size_t>(E)), gprobs(probs.size());
-      std::vector<double> part_prob(static_cast<std::size_t>(blocks * E)), part_lse(static_cast<std::size_t>(blocks)),
-          prob64(static_cast<std::size_t>(E)), lse(1);
-      std::vector<int> part_count(part_prob.size());
-      std::vector<std::int64_t> counts(static_cast<std::size_t>(E)), gcounts(counts.size());
-      unsigned long long bad = ~0ull;
-      cd::ForwardParams<float> P;
-      P.x = x.data();
-      P.stride = E;
-      P.T = int(T);
-      P.E = int(E);
-      P.k = int(k);
-      P.tokens_per_warp = tpw;
-      P.bias = dev.bias();
-      P.ids = ids.data();
-      P.gates = gates.data();
-      P.part_prob = part_prob.data();
-      P.part_count = part_count.data();
-      P.part_lse = part_lse.data();
-      P.bad = &bad;
-      emu::launch(dim3(unsigned(blocks)), dim3(unsigned(32 * warps)), std::size_t(E) * 8,
-                  [&] { cd::route_forward_kernel<Softmax, TopKRuntime, float, 4>(P); });
-      emu::launch(dim3(unsigned(E + 1)), dim3(cd::reduce_threads), 0, [&] {
-        cd::reduce_stats_kernel(int(blocks), int(E), part_prob.data(), part_count.data(), part_lse.data(),
-                                counts.data(), gcounts.data(), probs.data(), gprobs.data(), prob64.data(), lse.data());
-      });
+      EmuForward<float> f(x.data(), T, E, k, warps, tpw);
+      f.P.bias = dev.bias();
+      f.run<Softmax, TopKRuntime, 4>();
+      const auto& ids = f.ids;
+      const auto& gcounts = f.gcounts;
+      const auto& gprobs = f.gprobs;
+      auto& lse = f.lse;
       CHECK(std::equal(ids.begin(), ids.end(), rv.ids.begin()));
       cd::DeviceStats s;
       s.counts = gcounts.data();
@@ -499,35 +514,18 @@ void run_sequences(index_t T, index_t E, index_t k, index_t L, unsigned seed) {
   REQUIRE(index_t(rv.seq_counts.size()) == S * E);
 
   // the engine's segmented launch shape with 2 warps of 2 tokens: ceil(L / 4) blocks per sequence
-  const int warps = 2, tpw = 2;
-  const index_t bps = (L + warps * tpw - 1) / (warps * tpw), blocks = S * bps;
-  std::vector<std::int32_t> ids(static_cast<std::size_t>(T * k));
-  std::vector<float> gates(ids.size()), probs(static_cast<std::size_t>(E)), gprobs(probs.size()),
-      seq_probs(static_cast<std::size_t>(S * E));
-  std::vector<double> part_prob(static_cast<std::size_t>(blocks * E)), prob64(probs.size()), lse(1);
-  std::vector<int> part_count(part_prob.size());
-  std::vector<std::int64_t> counts(probs.size()), gcounts(probs.size()), seq_counts(seq_probs.size());
-  unsigned long long bad = ~0ull;
-  cd::ForwardParams<float> P;
-  P.x = x.data();
-  P.stride = E;
-  P.T = int(T);
-  P.E = int(E);
-  P.k = int(k);
-  P.tokens_per_warp = tpw;
-  P.segment = L;
-  P.blocks_per_segment = int(bps);
-  P.ids = ids.data();
-  P.gates = gates.data();
-  P.part_prob = part_prob.data();
-  P.part_count = part_count.data();
-  P.bad = &bad;
-  emu::launch(dim3(unsigned(blocks)), dim3(unsigned(32 * warps)), std::size_t(E) * 8,
-              [&] { cd::route_forward_kernel<Sc, TopKRuntime, float, 4>(P); });
-  emu::launch(dim3(unsigned(E + 1)), dim3(cd::reduce_threads), 0, [&] {
-    cd::reduce_stats_kernel(int(blocks), int(E), part_prob.data(), part_count.data(), nullptr, counts.data(),
-                            gcounts.data(), probs.data(), gprobs.data(), prob64.data(), lse.data());
-  });
+  EmuForward<float> f(x.data(), T, E, k, 2, 2, L);
+  f.P.part_lse = nullptr;
+  f.template run<Sc, TopKRuntime, 4>();
+  const index_t bps = f.blocks_per_segment;
+  const auto& ids = f.ids;
+  const auto& part_count = f.part_count;
+  const auto& counts = f.counts;
+  const auto& probs = f.probs;
+  const auto& part_prob = f.part_prob;
+  const unsigned long long bad = f.bad;
+  std::vector<float> seq_probs(static_cast<std::size_t>(S * E));
+  std::vector<std::int64_t> seq_counts(seq_probs.size());
   emu::launch(dim3(unsigned((S * E + cd::reduce_threads - 1) / cd::reduce_threads)), dim3(cd::reduce_threads), 0, [&] {
     cd::reduce_seq_stats_kernel(int(S), int(bps), int(E), part_prob.data(), part_count.data(), seq_counts.data(),
                                 seq_probs.data());
