@@ -503,6 +503,101 @@ TEST_CASE("cuda: per-sequence statistics and the sequence-wise loss (DeepSeek-V3
   sequence_steps<TopK<8>, Softmax>(tokens(512, 24), 128, 0);                              // the batch is one sequence
 }
 
+namespace cuda_test {
+
+/// `ranks` identical data-parallel ranks on the host: every sum is `ranks` times the local one.
+struct HostRanks {
+  int ranks = 3;
+  void allreduce_sum(std::span<double> v) const {
+    for (auto& x : v) x *= ranks;
+  }
+  void allreduce_sum(std::span<std::int64_t> v) const {
+    for (auto& x : v) x *= ranks;
+  }
+  [[nodiscard]] int size() const { return ranks; }
+  [[nodiscard]] int rank() const { return 0; }
+};
+
+template <class T>
+__global__ void scale_kernel(T* v, std::size_t n, int ranks) {
+  for (std::size_t i = 0; i < n; ++i) v[i] *= ranks;
+}
+
+/// The same on device buffers, as a device communicator (NcclComm's interface): enqueued on
+/// the stream, no synchronisation.
+struct DeviceRanks {
+  static constexpr bool device_buffers = true;
+  int ranks = 3;
+  cudaStream_t s = nullptr;
+  template <class T>
+  void scale(std::span<T> v) const {
+#ifdef MOEROUTE_CUDA_EMULATED
+    scale_kernel<T> | emu::Config{1, 1, 0, s} | emu::args(v.data(), v.size(), ranks);
+#else
+    scale_kernel<T><<<1, 1, 0, s>>>(v.data(), v.size(), ranks);
+#endif
+    MOEROUTE_CUDA_CHECK_LAUNCH();
+  }
+  void allreduce_sum(std::span<double> v) const { scale(v); }
+  void allreduce_sum(std::span<std::int64_t> v) const { scale(v); }
+  [[nodiscard]] int size() const { return ranks; }
+  [[nodiscard]] int rank() const { return 0; }
+  [[nodiscard]] cudaStream_t stream() const { return s; }
+};
+
+}  // namespace cuda_test
+
+TEST_CASE("cuda: device-side balancing with a device communicator follows the CPU with the same global statistics") {
+  if (!cuda_ready()) return;
+  using cuda_test::DeviceRanks;
+  using cuda_test::HostRanks;
+  using Bal = Balancers<PhiBalancing<Entropy>, LossFree<>, SwitchAux, ZLoss>;
+  static_assert(cuda_detail::device_balancing<Bal, DeviceRanks>);
+  static_assert(!cuda_detail::device_balancing<Bal, HostRanks>);
+  const index_t T = tokens(2048, 48), E = 64, k = 8;
+  RouterConfig cfg;
+  cfg.num_experts = E;
+  cfg.top_k = k;
+  Router<TopK<8>, Bal, ReferenceBackend, Softmax, HostRanks> ref(cfg);
+  cudaStream_t s;
+  MOEROUTE_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  Router<TopK<8>, Bal, CudaBackend, Softmax, DeviceRanks> gpu(cfg, {}, DeviceRanks{3, s});
+  gpu.engine().set_stream(s);
+  DevRouting dr(T, E, k);
+  RoutingBuffers rb;
+  for (int step = 0; step < 3; ++step) {
+    CAPTURE(step);
+    for (int micro = 0; micro < 2; ++micro) {
+      auto z = make_input(Input::random, T, E, unsigned(90 + 2 * step + micro));
+      for (index_t t = 0; t < T; ++t) z[std::size_t(t * E + (t % 5))] += 3.0f;  // skewed load
+      RoutingView rv = ref.make_output(rb, T);
+      ref.route(MatrixView<const float>(z.data(), T, E), rv);
+      Dev<float> dx(z);
+      RoutingView gv = dr.view();
+      gpu.route(MatrixView<const float>(dx.p, T, E), gv);
+      CHECK(dr.ids.download() == std::vector<std::int32_t>(rv.ids.begin(), rv.ids.end()));
+      CHECK(dr.gcounts.download() == std::vector<std::int64_t>(rv.global_counts.begin(), rv.global_counts.end()));
+      std::int64_t tokens_g = 0;
+      MOEROUTE_CUDA_CHECK(
+          cudaMemcpy(&tokens_g, gpu.engine().global_tokens_device(), sizeof tokens_g, cudaMemcpyDeviceToHost));
+      CHECK(tokens_g == 3 * T);
+      CHECK(rv.aux_loss != 0.0f);
+      CHECK(close(device_aux_loss(gpu.engine().aux_loss_device()), rv.aux_loss, 1e-6f, 1e-12f));
+      CHECK(backward_agrees(ref, rv, z, gpu, gv, dx));
+    }
+    ref.step();
+    gpu.step();
+    CHECK(gpu.save_state() == ref.save_state());
+  }
+  // a communicator on another stream is refused before anything is enqueued
+  Router<TopK<8>, Bal, CudaBackend, Softmax, DeviceRanks> other(cfg, {}, DeviceRanks{3, nullptr});
+  other.engine().set_stream(s);
+  Dev<float> dx(std::size_t(T * E));
+  RoutingView gv = dr.view();
+  CHECK_THROWS_AS(other.route(MatrixView<const float>(dx.p, T, E), gv), invalid_argument);
+  MOEROUTE_CUDA_CHECK(cudaStreamDestroy(s));
+}
+
 TEST_CASE("cuda: a step with PhiBalancing + z-loss captured in a CUDA graph follows the CPU") {
   if (!cuda_ready()) return;
   const index_t T = tokens(4096, 64), E = 128, k = 8;

@@ -35,6 +35,11 @@ namespace moeroute {
 /// own or destroy the ncclComm_t.
 class NcclComm {
  public:
+  /// Device buffers are reduced on `stream` without a host synchronisation, so CudaBackend
+  /// keeps the built-in balancers' statistics and state on the device with this communicator
+  /// (its stream must be the engine's).
+  static constexpr bool device_buffers = true;
+
   /// Wraps `comm` (created by the caller, e.g. with ncclCommInitRank) and the stream its
   /// collectives run on. Throws invalid_argument for a null communicator, moeroute::error if
   /// NCCL cannot report the communicator's size or rank.

@@ -55,6 +55,7 @@ struct DeviceAuxGradient {
   const float* dprob_seq = nullptr;
   index_t sequence_length = 0;
   float dlse_sq = 0.0f;
+  const float* dlse_sq_device = nullptr;  ///< the z-loss coefficient in device memory (replaces dlse_sq)
 };
 
 /// The device dispatch plan of a token-choice routing (no drop, no padding), in the layout
@@ -248,7 +249,12 @@ struct DeviceBalancer<ZLoss> : DeviceStateless {
   static constexpr bool has_dprob = false;
   /// The coefficient β/T needs no statistics: formed on the host as ZLoss does.
   void aux(const ZLoss& h, const DeviceStats& st, float*, float* loss, float& dlse, cudaStream_t s) const {
-    if (st.tokens > 0) dlse += float(double(h.config().beta) / double(st.tokens));
+    if (st.tokens_device) {  // global token count on the device only
+      zloss_coefficient_kernel<<<1, 1, 0, s>>>(st, h.config().beta);
+      MOEROUTE_CUDA_CHECK_LAUNCH();
+    } else if (st.tokens > 0) {
+      dlse += float(double(h.config().beta) / double(st.tokens));
+    }
     if (loss) {
       zloss_kernel<<<1, 1, 0, s>>>(st, h.config().beta, loss);
       MOEROUTE_CUDA_CHECK_LAUNCH();
@@ -301,11 +307,20 @@ inline constexpr bool reads_lse = std::is_same_v<B, ZLoss>;
 template <class... Bs>
 inline constexpr bool reads_lse<Balancers<Bs...>> = (reads_lse<Bs> || ...);
 
+/// A communicator that sums device buffers in place on the engine's stream without a host
+/// synchronisation (NcclComm): it declares `static constexpr bool device_buffers = true`.
+template <class C>
+concept device_communicator = requires {
+  C::device_buffers;
+}
+&&C::device_buffers;
+
 /// Whether a Router with balancer B and communicator C balances on the device (no host hook,
-/// no synchronisation): every member has device kernels and the statistics are local.
+/// no synchronisation): every member has device kernels, and the statistics are local or
+/// all-reduced on the device.
 template <class B, class C>
-inline constexpr bool device_balancing =
-    !std::is_same_v<B, NoBalancing> && std::is_same_v<C, NoComm> && DeviceBalancer<B>::supported;
+inline constexpr bool device_balancing = !std::is_same_v<B, NoBalancing> && DeviceBalancer<B>::supported &&
+                                         (std::is_same_v<C, NoComm> || device_communicator<C>);
 
 }  // namespace cuda_detail
 
@@ -444,6 +459,7 @@ class CudaEngine {
     P.dprob_seq = aux.dprob_seq;
     P.sequence_length = aux.sequence_length;
     P.dlse_sq = aux.dlse_sq;
+    P.dlse_sq_device = aux.dlse_sq_device;
     P.dz = dz.data;
     P.dz_stride = dz.stride;
     const int warps = 8;
@@ -529,7 +545,7 @@ class CudaEngine {
     static_assert(!detail::has_logit_offset<B>,
                   "CudaBackend: balancers with a logit-space selection offset (Sinkhorn) are not supported on the GPU");
     if constexpr (cuda_detail::device_balancing<B, C>) {
-      route_balanced(x, c, k, bal, training, out);
+      route_balanced(x, c, k, bal, comm, training, out);
       return;
     }
     const index_t T = x.rows, E = x.cols;
@@ -653,13 +669,23 @@ class CudaEngine {
     if constexpr (detail::has_step<B>) bal.step();
   }
 
-  // ---- device-side balancing (built-in balancers, no communicator) ----
+  // ---- device-side balancing (built-in balancers; NoComm or a device communicator) ----
 
   /// The aux loss of the last training `route` with device-side balancing: a device float
   /// (0 outside training), valid once the stream has reached that route. Read it after your
   /// own synchronisation, e.g. cudaMemcpyAsync + cudaStreamSynchronize. Null before the first
   /// such route.
   [[nodiscard]] const float* aux_loss_device() const noexcept { return aux_loss_.data(); }
+
+  /// With a device communicator (device-side balancing): the device int64 global token count
+  /// and fp64 Σ lse² of the last route, all-reduced on the device (RoutingView::global_tokens
+  /// is 0 on the host then). Null before such a route.
+  [[nodiscard]] const std::int64_t* global_tokens_device() const noexcept {
+    return dev_comm_ ? dred_i64_.data() + dev_experts_ : nullptr;
+  }
+  [[nodiscard]] const double* global_lse_sq_sum_device() const noexcept {
+    return dev_comm_ ? dred_f64_.data() + dev_experts_ : nullptr;
+  }
 
   /// Copies the device-side balancer state (Loss-Free's b and pending counts, φ's m and
   /// accumulators) into `bal` (synchronises). Router::save_state calls it; call it to read the
@@ -741,19 +767,42 @@ class CudaEngine {
   }
 
   /// Router::route with device-side balancing: the bias, aux loss, coefficients and observe
-  /// are kernels reading the device statistics; nothing is copied to the host.
-  template <class B, LogitElement L>
-  void route_balanced(MatrixView<const L> x, const RouterConfig& c, index_t k, B& bal, bool training,
+  /// are kernels reading the device statistics; nothing is copied to the host. With a device
+  /// communicator the statistics (and the token count) are all-reduced on the device first.
+  template <class B, class C, LogitElement L>
+  void route_balanced(MatrixView<const L> x, const RouterConfig& c, index_t k, B& bal, C& comm, bool training,
                       RoutingView& out) {
     const index_t T = x.rows, E = x.cols;
+    constexpr bool reduce = !std::is_same_v<C, NoComm>;
+    if constexpr (reduce && requires { comm.stream(); })
+      detail::require(comm.stream() == stream_, "comm",
+                      "the communicator's stream must be the engine's stream (engine().set_stream), so that the "
+                      "all-reduce is ordered between the kernels");
     reserve(T, E);
     aux_loss_.reserve(1);
     auto& db = device_state(bal, E);
     forward(x, c, k, out, db.bias(), cuda_detail::reads_lse<B>);
     out.sequence_length = 0;
-    out.global_tokens = T;
-    out.global_lse_sq_sum = 0.0;  // on the device: lse_sq_sum_device()
-    out.aux_loss = 0.0f;          // on the device: aux_loss_device()
+    out.global_tokens = reduce ? 0 : T;  // with a communicator: on the device, global_tokens_device()
+    out.global_lse_sq_sum = 0.0;         // on the device: lse_sq_sum_device()
+    out.aux_loss = 0.0f;                 // on the device: aux_loss_device()
+    dev_comm_ = reduce;
+    if constexpr (reduce) {
+      dred_f64_.reserve(std::size_t(E + 1));
+      dred_i64_.reserve(std::size_t(E + 1));
+      g_counts_dev_.reserve(std::size_t(E));
+      g_probs_dev_.reserve(std::size_t(E));
+      cuda_detail::pack_stats_kernel<<<1, 256, 0, stream_>>>(int(E), T, out.counts.data(), prob_f64_.data(),
+                                                             scalars_.data(), dred_f64_.data(), dred_i64_.data());
+      MOEROUTE_CUDA_CHECK_LAUNCH();
+      comm.allreduce_sum(std::span<double>(dred_f64_.data(), std::size_t(E + 1)));
+      comm.allreduce_sum(std::span<std::int64_t>(dred_i64_.data(), std::size_t(E + 1)));
+      cuda_detail::unpack_stats_kernel<<<1, 256, 0, stream_>>>(
+          int(E), dred_f64_.data(), dred_i64_.data(),
+          out.global_counts.empty() ? g_counts_dev_.data() : out.global_counts.data(),
+          out.global_prob_sums.empty() ? g_probs_dev_.data() : out.global_prob_sums.data());
+      MOEROUTE_CUDA_CHECK_LAUNCH();
+    }
     cuda_detail::balance_clear_kernel<<<1, 1, 0, stream_>>>(int(E), dprob_.data(), aux_loss_.data());
     MOEROUTE_CUDA_CHECK_LAUNCH();
     if (!training) return;
@@ -763,13 +812,23 @@ class CudaEngine {
     db.observe(bal, st, stream_);
   }
 
-  cuda_detail::DeviceStats device_stats(const RoutingView& r, index_t T, index_t E) const {
+  /// The statistics the balancer kernels read: the global ones of `r` (device-reduced ones
+  /// after a route with a device communicator).
+  cuda_detail::DeviceStats device_stats(const RoutingView& r, index_t T, index_t E) {
     cuda_detail::DeviceStats st;
     st.lse_sq = scalars_.data();
     st.counts = r.global_counts.empty() ? r.counts.data() : r.global_counts.data();
     st.prob_sums = r.global_prob_sums.empty() ? r.prob_sums.data() : r.global_prob_sums.data();
     st.tokens = T;
     st.E = int(E);
+    if (dev_comm_) {
+      st.lse_sq = dred_f64_.data() + E;
+      st.counts = r.global_counts.empty() ? g_counts_dev_.data() : r.global_counts.data();
+      st.prob_sums = r.global_prob_sums.empty() ? g_probs_dev_.data() : r.global_prob_sums.data();
+      st.tokens_device = reinterpret_cast<const long long*>(dred_i64_.data() + E);
+      dlse_dev_.reserve(1);
+      st.dlse_device = dlse_dev_.data();
+    }
     return st;
   }
 
@@ -781,11 +840,13 @@ class CudaEngine {
     const cuda_detail::DeviceStats st = device_stats(r, T, E);
     cuda_detail::balance_clear_kernel<<<1, 1, 0, stream_>>>(int(E), dprob_.data(), nullptr);
     MOEROUTE_CUDA_CHECK_LAUNCH();
+    if (st.dlse_device) MOEROUTE_CUDA_CHECK(cudaMemsetAsync(st.dlse_device, 0, sizeof(float), stream_));
     DeviceAuxGradient aux;
     float dlse = 0.0f;
     db.aux(bal, st, dprob_.data(), nullptr, dlse, stream_);
     if (cuda_detail::DeviceBalancer<B>::has_dprob && T > 0) aux.dprob = dprob_.data();
     aux.dlse_sq = dlse;
+    if (st.dlse_device && cuda_detail::reads_lse<B>) aux.dlse_sq_device = st.dlse_device;
     return aux;
   }
 
@@ -868,6 +929,12 @@ class CudaEngine {
   std::shared_ptr<void> dev_bal_;
   bool dev_bal_ready_ = false;
   cuda_detail::DeviceArray<float> aux_loss_;
+  // device-side balancing with a device communicator: the packed, all-reduced statistics
+  bool dev_comm_ = false;
+  cuda_detail::DeviceArray<double> dred_f64_;        // [E] Σp, then Σ lse²
+  cuda_detail::DeviceArray<std::int64_t> dred_i64_;  // [E] counts, then T
+  cuda_detail::DeviceArray<std::int64_t> g_counts_dev_;
+  cuda_detail::DeviceArray<float> g_probs_dev_, dlse_dev_;
   double g_lse_sq_ = 0.0;
 };
 

@@ -541,6 +541,25 @@ __global__ void __launch_bounds__(reduce_threads)
   seq_prob_sums[i] = float(ps);
 }
 
+/// Packs a route's local statistics for a device all-reduce: red_f64 = [Σp (E), Σ lse²],
+/// red_i64 = [counts (E), T].
+__global__ void pack_stats_kernel(int E, long long T, const std::int64_t* counts, const double* prob_f64,
+                                  const double* lse_sq, double* red_f64, std::int64_t* red_i64) {
+  for (int e = int(blockIdx.x * blockDim.x + threadIdx.x); e <= E; e += int(gridDim.x * blockDim.x)) {
+    red_f64[e] = e < E ? prob_f64[e] : *lse_sq;
+    red_i64[e] = e < E ? counts[e] : T;
+  }
+}
+
+/// The all-reduced statistics into the global fields (fp32 sums rounded from fp64, as on the host).
+__global__ void unpack_stats_kernel(int E, const double* red_f64, const std::int64_t* red_i64,
+                                    std::int64_t* global_counts, float* global_prob_sums) {
+  for (int e = int(blockIdx.x * blockDim.x + threadIdx.x); e < E; e += int(gridDim.x * blockDim.x)) {
+    global_counts[e] = red_i64[e];
+    global_prob_sums[e] = float(red_f64[e]);
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // Backward
 // ---------------------------------------------------------------------------------------
@@ -561,7 +580,8 @@ struct BackwardParams {
   const float* dprob_seq = nullptr;  ///< [S, E] or null
   index_t sequence_length = 0;
   float dlse_sq = 0.0f;
-  float* dz = nullptr;  ///< ∂L/∂logits [T, E] with row stride dz_stride (written)
+  const float* dlse_sq_device = nullptr;  ///< the z-loss coefficient in device memory (replaces dlse_sq)
+  float* dz = nullptr;                    ///< ∂L/∂logits [T, E] with row stride dz_stride (written)
   index_t dz_stride = 0;
 };
 
@@ -576,6 +596,7 @@ __global__ void __launch_bounds__(256) route_backward_kernel(BackwardParams<L> P
   const index_t t = index_t(blockIdx.x) * W + w;
   if (t >= P.T) return;  // warp-uniform; no block barrier below
   const L* row = P.x + t * P.stride;
+  const float dlse_sq = P.dlse_sq_device ? *P.dlse_sq_device : P.dlse_sq;
 
   float z[VPT];
 #pragma unroll(VPT <= 16 ? VPT : 1)
@@ -589,7 +610,7 @@ __global__ void __launch_bounds__(256) route_backward_kernel(BackwardParams<L> P
     z[r] = v;
   }
   float s[VPT], p[VPT];
-  const float lse = warp_score_row<Sc>(z, s, p, lane, E, P.dlse_sq != 0.0f);
+  const float lse = warp_score_row<Sc>(z, s, p, lane, E, dlse_sq != 0.0f);
 
   for (int j = lane; j < k; j += 32) {
     s_ids[w][j] = P.ids[t * k + j];
@@ -691,8 +712,8 @@ __global__ void __launch_bounds__(256) route_backward_kernel(BackwardParams<L> P
     for (int r = 0; r < VPT; ++r)
       if (32 * r + lane < E) dz[r] = __fadd_rn(dz[r], __fmul_rn(ds[r], d_derivative<Sc>(z[r], s[r])));
   }
-  if (P.dlse_sq != 0.0f) {
-    const float c = __fmul_rn(__fmul_rn(2.0f, P.dlse_sq), lse);
+  if (dlse_sq != 0.0f) {
+    const float c = __fmul_rn(__fmul_rn(2.0f, dlse_sq), lse);
 #pragma unroll(VPT <= 16 ? VPT : 1)
     for (int r = 0; r < VPT; ++r) dz[r] = __fadd_rn(dz[r], __fmul_rn(c, detail::exp_f32(__fsub_rn(z[r], lse))));
   }
@@ -817,6 +838,11 @@ struct DeviceStats {
   const float* prob_sums = nullptr;      ///< [E], float of the fp64 sums
   const double* lse_sq = nullptr;        ///< Σ_t lse(z_t)² (may be null when no z-loss reads it)
   long long tokens = 0;
+  /// The token count in device memory (global statistics reduced on the device): read
+  /// instead of `tokens` when set.
+  const long long* tokens_device = nullptr;
+  /// Where the z-loss coefficient goes when the token count is only on the device.
+  float* dlse_device = nullptr;
   int E = 0;
 };
 
@@ -863,6 +889,8 @@ __device__ inline float d_phi_rule(float m, double p, float rho) {
 
 __device__ inline bool first_thread() { return threadIdx.x == 0 && blockIdx.x == 0; }
 
+__device__ inline long long d_tokens(const DeviceStats& s) { return s.tokens_device ? *s.tokens_device : s.tokens; }
+
 __device__ inline long long d_assignments(const DeviceStats& s) {
   long long a = 0;
   for (int e = 0; e < s.E; ++e) a += s.counts[e];
@@ -872,7 +900,7 @@ __device__ inline long long d_assignments(const DeviceStats& s) {
 /// φ's load statistic of expert e: hard f = count/assignments (when any), else soft p̂.
 __device__ inline double d_phi_statistic(const DeviceStats& s, int e, bool hard, long long assignments) {
   if (hard && assignments > 0) return double(s.counts[e]) / double(assignments);
-  return double(s.prob_sums[e]) / double(s.tokens);
+  return double(s.prob_sums[e]) / double(d_tokens(s));
 }
 
 /// Zeroes the coefficients ∂L/∂p [E] and the aux-loss scalar before the balancers add theirs.
@@ -885,9 +913,9 @@ __global__ void balance_clear_kernel(int E, float* dprob, float* loss) {
 /// SwitchAux (global batch): loss α·E·Σ f_e·P_e, dprob += α·E·f_e/T.
 __global__ void switch_aux_kernel(DeviceStats s, float alpha, float* dprob, float* loss) {
   if (!first_thread()) return;
-  const long long A = d_assignments(s);
-  if (s.tokens <= 0 || A <= 0) return;
-  const double scale = double(alpha) * double(s.E), T = double(s.tokens), Ad = double(A);
+  const long long A = d_assignments(s), tokens = d_tokens(s);
+  if (tokens <= 0 || A <= 0) return;
+  const double scale = double(alpha) * double(s.E), T = double(tokens), Ad = double(A);
   double l = 0.0;
   for (int e = 0; e < s.E; ++e) {
     const double f = double(s.counts[e]) / Ad;
@@ -897,10 +925,18 @@ __global__ void switch_aux_kernel(DeviceStats s, float alpha, float* dprob, floa
   if (loss) *loss = __fadd_rn(*loss, float(__dmul_rn(scale, l)));
 }
 
-/// ZLoss value β·Σ lse²/T (its coefficient β/T is known on the host).
+/// ZLoss value β·Σ lse²/T (its coefficient β/T is formed on the host when T is known there).
 __global__ void zloss_kernel(DeviceStats s, float beta, float* loss) {
-  if (!first_thread() || s.tokens <= 0 || !loss) return;
-  *loss = __fadd_rn(*loss, float(__dmul_rn(double(beta), *s.lse_sq) / double(s.tokens)));
+  const long long T = d_tokens(s);
+  if (!first_thread() || T <= 0 || !loss) return;
+  *loss = __fadd_rn(*loss, float(__dmul_rn(double(beta), *s.lse_sq) / double(T)));
+}
+
+/// ZLoss coefficient β/T into s.dlse_device, for a token count that is only on the device.
+__global__ void zloss_coefficient_kernel(DeviceStats s, float beta) {
+  const long long T = d_tokens(s);
+  if (!first_thread() || T <= 0) return;
+  *s.dlse_device = __fadd_rn(*s.dlse_device, float(double(beta) / double(T)));
 }
 
 /// PhiBalancing's loss and coefficients from the committed m: q = ∇φ(Rule(m, p̂)),
@@ -908,9 +944,10 @@ __global__ void zloss_kernel(DeviceStats s, float beta, float* loss) {
 template <class Pot, class Rule>
 __global__ void phi_aux_kernel(DeviceStats s, const float* m, float alpha, float decay, bool hard, float* dprob,
                                float* loss) {
-  if (!first_thread() || s.tokens <= 0) return;
+  const long long tokens = d_tokens(s);
+  if (!first_thread() || tokens <= 0) return;
   const long long A = hard ? d_assignments(s) : 0;
-  const double T = double(s.tokens), a = double(alpha);
+  const double T = double(tokens), a = double(alpha);
   double l = 0.0;
   for (int e = 0; e < s.E; ++e) {
     const float next = d_phi_rule<Rule>(m[e], d_phi_statistic(s, e, hard, A), decay);
@@ -923,10 +960,11 @@ __global__ void phi_aux_kernel(DeviceStats s, const float* m, float alpha, float
 
 /// PhiBalancing::observe: acc += statistic·T, acc_tokens += T.
 __global__ void phi_observe_kernel(DeviceStats s, bool hard, double* acc, long long* acc_tokens) {
-  if (!first_thread() || s.tokens <= 0) return;
+  const long long T = d_tokens(s);
+  if (!first_thread() || T <= 0) return;
   const long long A = hard ? d_assignments(s) : 0;
-  for (int e = 0; e < s.E; ++e) acc[e] = __dadd_rn(acc[e], __dmul_rn(d_phi_statistic(s, e, hard, A), double(s.tokens)));
-  *acc_tokens += s.tokens;
+  for (int e = 0; e < s.E; ++e) acc[e] = __dadd_rn(acc[e], __dmul_rn(d_phi_statistic(s, e, hard, A), double(T)));
+  *acc_tokens += T;
 }
 
 /// PhiBalancing::step: m ← Rule(m, acc/acc_tokens), then clears the accumulators.
