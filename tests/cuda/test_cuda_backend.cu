@@ -367,6 +367,14 @@ float device_aux_loss(const float* p) {
   return v;
 }
 
+/// Whether every ∂L/∂logit of the GPU agrees with the reference's within 1e-6 relative
+/// (floored at 1e-6).
+bool gradients_agree(const std::vector<float>& dz, const std::vector<float>& dz_ref) {
+  int bad = 0;
+  for (std::size_t i = 0; i < dz.size(); ++i) bad += !close(dz[i], dz_ref[i], 1e-6f, 1e-6f);
+  return dz.size() == dz_ref.size() && bad == 0;
+}
+
 /// Backward of the last route on both routers with ∂L/∂gates = 0.25 everywhere: whether
 /// every ∂L/∂logit agrees within 1e-6 relative (floored at 1e-6).
 template <class Ref, class Gpu>
@@ -379,14 +387,40 @@ bool backward_agrees(Ref& ref, const RoutingView& rv, const std::vector<float>& 
   Dev<float> ddg(dg), ddz(std::size_t(T * E));
   gpu.backward(MatrixView<const float>(dx.p, T, E), gv, MatrixView<const float>(ddg.p, T, k),
                MatrixView<float>(ddz.p, T, E));
-  const auto dz = ddz.download();
-  int bad = 0;
-  for (std::size_t i = 0; i < dz.size(); ++i) bad += !close(dz[i], dz_ref[i], 1e-6f, 1e-6f);
-  return bad == 0;
+  return gradients_agree(ddz.download(), dz_ref);
 }
 
-/// Several steps of two micro-batches route → backward, then step, on the GPU (device-side
-/// balancing) and on the reference; ids, aux loss, gradients and the saved state must agree.
+/// `steps` optimizer steps of two micro-batches each (route → backward, then step) on the
+/// reference and the GPU router from skewed logits: ids, aux loss (device-side balancing) and
+/// gradients after every route, the saved state after every step. `also(rv)` adds checks
+/// after each route (the GPU's output is in `dr`).
+template <class Ref, class Gpu, class Also>
+void follow_steps(Ref& ref, Gpu& gpu, DevRouting& dr, int steps, unsigned seed, Also&& also) {
+  const index_t T = dr.T, E = dr.E;
+  RoutingBuffers rb;
+  for (int step = 0; step < steps; ++step) {
+    CAPTURE(step);
+    for (int micro = 0; micro < 2; ++micro) {
+      auto z = make_input(Input::random, T, E, unsigned(seed + 2 * step + micro));
+      for (index_t t = 0; t < T; ++t) z[std::size_t(t * E + (t % 5))] += 3.0f;  // skewed load
+      RoutingView rv = ref.make_output(rb, T);
+      ref.route(MatrixView<const float>(z.data(), T, E), rv);
+      Dev<float> dx(z);
+      RoutingView gv = dr.view();
+      gpu.route(MatrixView<const float>(dx.p, T, E), gv);
+      CHECK(dr.ids.download() == std::vector<std::int32_t>(rv.ids.begin(), rv.ids.end()));
+      CHECK(close(device_aux_loss(gpu.engine().aux_loss_device()), rv.aux_loss, 1e-6f, 1e-12f));
+      CHECK(backward_agrees(ref, rv, z, gpu, gv, dx));
+      also(rv);
+    }
+    ref.step();
+    gpu.step();
+    CHECK(gpu.save_state() == ref.save_state());  // the device state, bit for bit
+  }
+}
+
+/// Several steps on the GPU (device-side balancing) and on the reference (follow_steps),
+/// then a state loaded into a fresh GPU router.
 template <class Bal, class Se = TopK<8>, class Sc = Softmax>
 void balanced_steps(index_t T, index_t E) {
   const index_t k = 8;
@@ -397,25 +431,8 @@ void balanced_steps(index_t T, index_t E) {
   Router<Se, Bal, CudaBackend, Sc> gpu(cfg);
   static_assert(cuda_detail::device_balancing<Bal, NoComm>);
   DevRouting dr(T, E, k);
+  follow_steps(ref, gpu, dr, 4, 50, [](const RoutingView&) {});
   RoutingBuffers rb;
-  for (int step = 0; step < 4; ++step) {
-    CAPTURE(step);
-    for (int micro = 0; micro < 2; ++micro) {
-      auto z = make_input(Input::random, T, E, unsigned(50 + 2 * step + micro));
-      for (index_t t = 0; t < T; ++t) z[std::size_t(t * E + (t % 5))] += 3.0f;  // skewed load
-      RoutingView rv = ref.make_output(rb, T);
-      ref.route(MatrixView<const float>(z.data(), T, E), rv);
-      Dev<float> dx(z);
-      RoutingView gv = dr.view();
-      gpu.route(MatrixView<const float>(dx.p, T, E), gv);
-      CHECK(dr.ids.download() == std::vector<std::int32_t>(rv.ids.begin(), rv.ids.end()));
-      CHECK(close(device_aux_loss(gpu.engine().aux_loss_device()), rv.aux_loss, 1e-6f, 1e-12f));
-      CHECK(backward_agrees(ref, rv, z, gpu, gv, dx));
-    }
-    ref.step();
-    gpu.step();
-    CHECK(gpu.save_state() == ref.save_state());  // the device state, bit for bit
-  }
   // a loaded state reaches the device
   Router<Se, Bal, CudaBackend, Sc> restored(cfg);
   restored.load_state(ref.save_state());
@@ -564,31 +581,14 @@ TEST_CASE("cuda: device-side balancing with a device communicator follows the CP
   Router<TopK<8>, Bal, CudaBackend, Softmax, DeviceRanks> gpu(cfg, {}, DeviceRanks{3, s});
   gpu.engine().set_stream(s);
   DevRouting dr(T, E, k);
-  RoutingBuffers rb;
-  for (int step = 0; step < 3; ++step) {
-    CAPTURE(step);
-    for (int micro = 0; micro < 2; ++micro) {
-      auto z = make_input(Input::random, T, E, unsigned(90 + 2 * step + micro));
-      for (index_t t = 0; t < T; ++t) z[std::size_t(t * E + (t % 5))] += 3.0f;  // skewed load
-      RoutingView rv = ref.make_output(rb, T);
-      ref.route(MatrixView<const float>(z.data(), T, E), rv);
-      Dev<float> dx(z);
-      RoutingView gv = dr.view();
-      gpu.route(MatrixView<const float>(dx.p, T, E), gv);
-      CHECK(dr.ids.download() == std::vector<std::int32_t>(rv.ids.begin(), rv.ids.end()));
-      CHECK(dr.gcounts.download() == std::vector<std::int64_t>(rv.global_counts.begin(), rv.global_counts.end()));
-      std::int64_t tokens_g = 0;
-      MOEROUTE_CUDA_CHECK(
-          cudaMemcpy(&tokens_g, gpu.engine().global_tokens_device(), sizeof tokens_g, cudaMemcpyDeviceToHost));
-      CHECK(tokens_g == 3 * T);
-      CHECK(rv.aux_loss != 0.0f);
-      CHECK(close(device_aux_loss(gpu.engine().aux_loss_device()), rv.aux_loss, 1e-6f, 1e-12f));
-      CHECK(backward_agrees(ref, rv, z, gpu, gv, dx));
-    }
-    ref.step();
-    gpu.step();
-    CHECK(gpu.save_state() == ref.save_state());
-  }
+  follow_steps(ref, gpu, dr, 3, 90, [&](const RoutingView& rv) {
+    CHECK(dr.gcounts.download() == std::vector<std::int64_t>(rv.global_counts.begin(), rv.global_counts.end()));
+    std::int64_t tokens_g = 0;
+    MOEROUTE_CUDA_CHECK(
+        cudaMemcpy(&tokens_g, gpu.engine().global_tokens_device(), sizeof tokens_g, cudaMemcpyDeviceToHost));
+    CHECK(tokens_g == 3 * T);
+    CHECK(rv.aux_loss != 0.0f);
+  });
   // a communicator on another stream is refused before anything is enqueued
   Router<TopK<8>, Bal, CudaBackend, Softmax, DeviceRanks> other(cfg, {}, DeviceRanks{3, nullptr});
   other.engine().set_stream(s);
@@ -597,6 +597,28 @@ TEST_CASE("cuda: device-side balancing with a device communicator follows the CP
   CHECK_THROWS_AS(other.route(MatrixView<const float>(dx.p, T, E), gv), invalid_argument);
   MOEROUTE_CUDA_CHECK(cudaStreamDestroy(s));
 }
+
+namespace {
+
+/// route → backward → step of `gpu` (logits `xv`, gate gradients `ddg` [T, k], logit
+/// gradients into `ddz`) captured on stream `s` and instantiated as a graph.
+template <class Gpu>
+cudaGraphExec_t capture_training_step(Gpu& gpu, MatrixView<const float> xv, RoutingView& gv, const Dev<float>& ddg,
+                                      const Dev<float>& ddz, cudaStream_t s) {
+  const index_t T = xv.rows, E = xv.cols, k = gv.slots;
+  cudaGraph_t graph;
+  MOEROUTE_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+  gpu.route(xv, gv);
+  gpu.backward(xv, gv, MatrixView<const float>(ddg.p, T, k), MatrixView<float>(ddz.p, T, E));
+  gpu.step();
+  MOEROUTE_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
+  cudaGraphExec_t exec;
+  MOEROUTE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  MOEROUTE_CUDA_CHECK(cudaGraphDestroy(graph));  // the executable graph is independent of it
+  return exec;
+}
+
+}  // namespace
 
 TEST_CASE("cuda: a step with PhiBalancing + z-loss captured in a CUDA graph follows the CPU") {
   if (!cuda_ready()) return;
@@ -621,14 +643,7 @@ TEST_CASE("cuda: a step with PhiBalancing + z-loss captured in a CUDA graph foll
   gpu.set_training(true);
   MOEROUTE_CUDA_CHECK(cudaStreamSynchronize(s));
 
-  cudaGraph_t graph;
-  MOEROUTE_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
-  gpu.route(xv, gv);
-  gpu.backward(xv, gv, MatrixView<const float>(ddg.p, T, k), MatrixView<float>(ddz.p, T, E));
-  gpu.step();
-  MOEROUTE_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
-  cudaGraphExec_t exec;
-  MOEROUTE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  cudaGraphExec_t exec = capture_training_step(gpu, xv, gv, ddg, ddz, s);
 
   for (unsigned rep = 0; rep < 3; ++rep) {
     CAPTURE(rep);
@@ -656,17 +671,13 @@ TEST_CASE("cuda: a step with PhiBalancing + z-loss captured in a CUDA graph foll
     cudaStreamSynchronize(stream);
     // ----
     CHECK(close(aux, rv.aux_loss, 1e-6f, 1e-12f));
-    const auto dz = ddz.download();
-    int bad = 0;
-    for (std::size_t i = 0; i < dz.size(); ++i) bad += !close(dz[i], dz_ref[i], 1e-6f, 1e-6f);
-    CHECK(bad == 0);
+    CHECK(gradients_agree(ddz.download(), dz_ref));
     Bal live = gpu.balancer();
     gpu.engine().download_state(live);
     CHECK(std::equal(live.get<0>().load_estimate().begin(), live.get<0>().load_estimate().end(),
                      ref.balancer().get<0>().load_estimate().begin()));
   }
   MOEROUTE_CUDA_CHECK(cudaGraphExecDestroy(exec));
-  MOEROUTE_CUDA_CHECK(cudaGraphDestroy(graph));
   MOEROUTE_CUDA_CHECK(cudaStreamDestroy(s));
 }
 
@@ -731,14 +742,7 @@ TEST_CASE("cuda: route + backward captured in a CUDA graph, replayed on new logi
   RoutingView gv = dr.view();
   const MatrixView<const float> xv(dx.p, T, E);
 
-  cudaGraph_t graph;
-  MOEROUTE_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
-  gpu.route(xv, gv);
-  gpu.backward(xv, gv, MatrixView<const float>(ddg.p, T, k), MatrixView<float>(ddz.p, T, E));
-  gpu.step();
-  MOEROUTE_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
-  cudaGraphExec_t exec;
-  MOEROUTE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  cudaGraphExec_t exec = capture_training_step(gpu, xv, gv, ddg, ddz, s);
 
   for (unsigned rep = 0; rep < 2; ++rep) {
     const auto z = make_input(Input::random, T, E, 70 + rep);
@@ -756,13 +760,9 @@ TEST_CASE("cuda: route + backward captured in a CUDA graph, replayed on new logi
                  MatrixView<float>(dz_ref.data(), T, E));
     CHECK(dr.ids.download() == std::vector<std::int32_t>(rv.ids.begin(), rv.ids.end()));
     CHECK(dr.counts.download() == std::vector<std::int64_t>(rv.counts.begin(), rv.counts.end()));
-    const auto dz = ddz.download();
-    int bad = 0;
-    for (std::size_t i = 0; i < dz.size(); ++i) bad += !close(dz[i], dz_ref[i], 1e-6f, 1e-6f);
-    CHECK(bad == 0);
+    CHECK(gradients_agree(ddz.download(), dz_ref));
   }
   MOEROUTE_CUDA_CHECK(cudaGraphExecDestroy(exec));
-  MOEROUTE_CUDA_CHECK(cudaGraphDestroy(graph));
   MOEROUTE_CUDA_CHECK(cudaStreamDestroy(s));
 }
 
