@@ -564,6 +564,28 @@ struct DeviceRanks {
 
 }  // namespace cuda_test
 
+namespace {
+
+/// route → backward → step of `gpu` (logits `xv`, gate gradients `ddg` [T, k], logit
+/// gradients into `ddz`) captured on stream `s` and instantiated as a graph.
+template <class Gpu>
+cudaGraphExec_t capture_training_step(Gpu& gpu, MatrixView<const float> xv, RoutingView& gv, const Dev<float>& ddg,
+                                      const Dev<float>& ddz, cudaStream_t s) {
+  const index_t T = xv.rows, E = xv.cols, k = gv.slots;
+  cudaGraph_t graph;
+  MOEROUTE_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+  gpu.route(xv, gv);
+  gpu.backward(xv, gv, MatrixView<const float>(ddg.p, T, k), MatrixView<float>(ddz.p, T, E));
+  gpu.step();
+  MOEROUTE_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
+  cudaGraphExec_t exec;
+  MOEROUTE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  MOEROUTE_CUDA_CHECK(cudaGraphDestroy(graph));  // the executable graph is independent of it
+  return exec;
+}
+
+}  // namespace
+
 TEST_CASE("cuda: device-side balancing with a device communicator follows the CPU with the same global statistics") {
   if (!cuda_ready()) return;
   using cuda_test::DeviceRanks;
@@ -589,6 +611,34 @@ TEST_CASE("cuda: device-side balancing with a device communicator follows the CP
     CHECK(tokens_g == 3 * T);
     CHECK(rv.aux_loss != 0.0f);
   });
+  {  // a training step captured in a CUDA graph, the all-reduce included, by a fresh router
+     // prepared as documented (the state loaded, one evaluation route), then replayed
+    const auto z = make_input(Input::random, T, E, 97);
+    const std::vector<float> dg(std::size_t(T * k), 0.25f);
+    Dev<float> dx(z), ddg(dg), ddz(std::size_t(T * E));
+    RoutingView gv = dr.view();
+    Router<TopK<8>, Bal, CudaBackend, Softmax, DeviceRanks> fresh(cfg, {}, DeviceRanks{3, s});
+    fresh.engine().set_stream(s);
+    fresh.load_state(ref.save_state());
+    fresh.set_training(false);
+    fresh.route(MatrixView<const float>(dx.p, T, E), gv);
+    fresh.set_training(true);
+    MOEROUTE_CUDA_CHECK(cudaStreamSynchronize(s));
+    const cudaGraphExec_t exec = capture_training_step(fresh, MatrixView<const float>(dx.p, T, E), gv, ddg, ddz, s);
+    MOEROUTE_CUDA_CHECK(cudaGraphLaunch(exec, s));
+    MOEROUTE_CUDA_CHECK(cudaStreamSynchronize(s));
+    RoutingBuffers rb;
+    RoutingView rv = ref.make_output(rb, T);
+    ref.route(MatrixView<const float>(z.data(), T, E), rv);
+    std::vector<float> dz_ref(std::size_t(T * E));
+    ref.backward(MatrixView<const float>(z.data(), T, E), rv, MatrixView<const float>(dg.data(), T, k),
+                 MatrixView<float>(dz_ref.data(), T, E));
+    ref.step();
+    CHECK(dr.ids.download() == std::vector<std::int32_t>(rv.ids.begin(), rv.ids.end()));
+    CHECK(gradients_agree(ddz.download(), dz_ref));
+    CHECK(fresh.save_state() == ref.save_state());
+    MOEROUTE_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  }
   // a communicator on another stream is refused before anything is enqueued
   Router<TopK<8>, Bal, CudaBackend, Softmax, DeviceRanks> other(cfg, {}, DeviceRanks{3, nullptr});
   other.engine().set_stream(s);
@@ -597,28 +647,6 @@ TEST_CASE("cuda: device-side balancing with a device communicator follows the CP
   CHECK_THROWS_AS(other.route(MatrixView<const float>(dx.p, T, E), gv), invalid_argument);
   MOEROUTE_CUDA_CHECK(cudaStreamDestroy(s));
 }
-
-namespace {
-
-/// route → backward → step of `gpu` (logits `xv`, gate gradients `ddg` [T, k], logit
-/// gradients into `ddz`) captured on stream `s` and instantiated as a graph.
-template <class Gpu>
-cudaGraphExec_t capture_training_step(Gpu& gpu, MatrixView<const float> xv, RoutingView& gv, const Dev<float>& ddg,
-                                      const Dev<float>& ddz, cudaStream_t s) {
-  const index_t T = xv.rows, E = xv.cols, k = gv.slots;
-  cudaGraph_t graph;
-  MOEROUTE_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
-  gpu.route(xv, gv);
-  gpu.backward(xv, gv, MatrixView<const float>(ddg.p, T, k), MatrixView<float>(ddz.p, T, E));
-  gpu.step();
-  MOEROUTE_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
-  cudaGraphExec_t exec;
-  MOEROUTE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  MOEROUTE_CUDA_CHECK(cudaGraphDestroy(graph));  // the executable graph is independent of it
-  return exec;
-}
-
-}  // namespace
 
 TEST_CASE("cuda: a step with PhiBalancing + z-loss captured in a CUDA graph follows the CPU") {
   if (!cuda_ready()) return;

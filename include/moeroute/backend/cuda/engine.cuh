@@ -792,6 +792,7 @@ class CudaEngine {
       dred_i64_.reserve(std::size_t(E + 1));
       g_counts_dev_.reserve(std::size_t(E));
       g_probs_dev_.reserve(std::size_t(E));
+      dlse_dev_.reserve(1);  // here, not in backward: nothing may allocate inside a graph capture
       cuda_detail::pack_stats_kernel<<<1, 256, 0, stream_>>>(int(E), T, out.counts.data(), prob_f64_.data(),
                                                              scalars_.data(), dred_f64_.data(), dred_i64_.data());
       MOEROUTE_CUDA_CHECK_LAUNCH();
@@ -814,19 +815,19 @@ class CudaEngine {
 
   /// The statistics the balancer kernels read: the global ones of `r` (device-reduced ones
   /// after a route with a device communicator).
-  cuda_detail::DeviceStats device_stats(const RoutingView& r, index_t T, index_t E) {
+  cuda_detail::DeviceStats device_stats(const RoutingView& r, index_t T, index_t E) const {
     cuda_detail::DeviceStats st;
-    st.lse_sq = scalars_.data();
-    st.counts = r.global_counts.empty() ? r.counts.data() : r.global_counts.data();
-    st.prob_sums = r.global_prob_sums.empty() ? r.prob_sums.data() : r.global_prob_sums.data();
+    // the global statistics: the view's, else (without a device communicator they are the
+    // local ones) the local view's or the engine's all-reduced copies
+    st.counts = !r.global_counts.empty() ? r.global_counts.data() : dev_comm_ ? g_counts_dev_.data() : r.counts.data();
+    st.prob_sums = !r.global_prob_sums.empty() ? r.global_prob_sums.data()
+                   : dev_comm_                 ? g_probs_dev_.data()
+                                               : r.prob_sums.data();
+    st.lse_sq = dev_comm_ ? dred_f64_.data() + E : scalars_.data();
     st.tokens = T;
     st.E = int(E);
     if (dev_comm_) {
-      st.lse_sq = dred_f64_.data() + E;
-      st.counts = r.global_counts.empty() ? g_counts_dev_.data() : r.global_counts.data();
-      st.prob_sums = r.global_prob_sums.empty() ? g_probs_dev_.data() : r.global_prob_sums.data();
       st.tokens_device = reinterpret_cast<const long long*>(dred_i64_.data() + E);
-      dlse_dev_.reserve(1);
       st.dlse_device = dlse_dev_.data();
     }
     return st;
