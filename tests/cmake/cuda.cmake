@@ -28,7 +28,13 @@ string(REGEX REPLACE "#include <moeroute/([a-z_/]+\\.hpp)\"" "#include <moeroute
        "${MOEROUTE_EMU_SRC}")
 string(REGEX REPLACE "extern __shared__ ([a-z]+) ([a-z_]+)\\[\\];"
        "\\1* \\2 = reinterpret_cast<\\1*>(emu::dynamic_smem.data());" MOEROUTE_EMU_SRC "${MOEROUTE_EMU_SRC}")
-string(REPLACE "__shared__" "static" MOEROUTE_EMU_SRC "${MOEROUTE_EMU_SRC}")
+# static shared arrays: storage that the first thread of each block poisons (see the emulator)
+string(REGEX REPLACE "__shared__ ([a-z ]+) ([a-z_]+)(\\[[^;]*);"
+       "static \\1 \\2\\3; emu::shared_array(\\2, sizeof(\\2));" MOEROUTE_EMU_SRC "${MOEROUTE_EMU_SRC}")
+string(FIND "${MOEROUTE_EMU_SRC}" "__shared__" MOEROUTE_EMU_LEFT)
+if(NOT MOEROUTE_EMU_LEFT EQUAL -1)
+  message(FATAL_ERROR "kernels.cuh: a __shared__ declaration the emulator's preprocessing does not handle")
+endif()
 # one warp per reduction/scan block keeps the emulation fast (the kernels are generic in it)
 string(REPLACE "reduce_threads = 128;" "reduce_threads = 32;" MOEROUTE_EMU_SRC "${MOEROUTE_EMU_SRC}")
 string(REPLACE "plan_threads = 128;" "plan_threads = 32;" MOEROUTE_EMU_SRC "${MOEROUTE_EMU_SRC}")
@@ -58,6 +64,10 @@ set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS
              ${PROJECT_SOURCE_DIR}/include/moeroute/backend/cuda/kernels.cuh
              ${PROJECT_SOURCE_DIR}/include/moeroute/backend/cuda/common.cuh
              ${PROJECT_SOURCE_DIR}/include/moeroute/backend/cuda/engine.cuh)
+# The emulator's own promises (poisoned memory, schedules, launch limits).
+moeroute_add_test(test_cuda_emulator ${CMAKE_CURRENT_SOURCE_DIR}/cuda/test_cuda_emulator.cpp LIBS Threads::Threads)
+target_include_directories(test_cuda_emulator BEFORE PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/cuda/emulator)
+
 moeroute_add_test(test_kernels_emulated ${CMAKE_CURRENT_SOURCE_DIR}/cuda/test_kernels_emulated.cpp
                   LIBS Threads::Threads)
 target_include_directories(test_kernels_emulated BEFORE PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/cuda/emulator
@@ -73,3 +83,18 @@ target_include_directories(test_engine_emulated BEFORE PRIVATE ${CMAKE_CURRENT_S
                            ${MOEROUTE_EMU_DIR})
 target_compile_definitions(test_engine_emulated PRIVATE MOEROUTE_CUDA_EMULATED=1)
 target_compile_options(test_engine_emulated PRIVATE -Wno-unknown-pragmas -ffp-contract=off)
+
+# The emulated suites again with the threads of each scheduling round and the blocks in other
+# orders (see the emulator): a result that changes with the order is a race, such as a
+# missing barrier or a read of another block's output. The engine suite is the slow one, so
+# its extra run is left out of the sanitizer build.
+foreach(schedule reverse shuffle)
+  add_test(NAME test_kernels_emulated_${schedule} COMMAND test_kernels_emulated)
+  set_tests_properties(test_kernels_emulated_${schedule} PROPERTIES ENVIRONMENT
+                       "MOEROUTE_EMU_SCHEDULE=${schedule};MOEROUTE_EMU_SEED=7")
+endforeach()
+if(NOT MOEROUTE_SANITIZE)
+  add_test(NAME test_engine_emulated_shuffle COMMAND test_engine_emulated)
+  set_tests_properties(test_engine_emulated_shuffle PROPERTIES ENVIRONMENT
+                       "MOEROUTE_EMU_SCHEDULE=shuffle;MOEROUTE_EMU_SEED=7")
+endif()

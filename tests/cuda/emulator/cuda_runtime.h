@@ -11,6 +11,16 @@
 // caught. Kernel launches `k<<<g, b, smem, s>>>(args)` are rewritten by CMake into
 // `k | emu::Config{g, b, smem, s} | emu::args(args)`. Not a CUDA replacement: only what
 // tests/cuda/test_kernels_emulated.cpp and the emulated build of test_cuda_backend.cu need.
+//
+// What a GPU would do differently and a test on one would catch is provoked here too:
+// - device memory (cudaMalloc) and shared memory, static and dynamic, start as 0xff bytes in
+//   every allocation and every block (NaN as fp32/fp64, -1 as an integer), so a read before
+//   the first write changes the result instead of seeing zeros;
+// - the order of the threads within each scheduling round and of the blocks is selectable
+//   (MOEROUTE_EMU_SCHEDULE = forward, reverse or shuffle; MOEROUTE_EMU_SEED seeds shuffle),
+//   so a missing barrier or a read of another block's output changes the result;
+// - a launch outside the device limits (block of 0 or more than 1024 threads, empty grid,
+//   more than 48 KiB of dynamic shared memory without an opt-in) fails like on a GPU.
 #pragma once
 
 #include <ucontext.h>
@@ -24,6 +34,9 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <numeric>
+#include <random>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -39,6 +52,7 @@ typedef void* cudaStream_t;
 inline constexpr cudaError_t cudaSuccess = 0;
 inline constexpr cudaError_t cudaErrorInvalidValue = 1;
 inline constexpr cudaError_t cudaErrorMemoryAllocation = 2;
+inline constexpr cudaError_t cudaErrorInvalidConfiguration = 9;
 inline constexpr cudaError_t cudaErrorStreamCaptureUnsupported = 900;
 inline constexpr cudaError_t cudaErrorStreamCaptureInvalidated = 901;
 
@@ -96,16 +110,81 @@ inline std::vector<Warp> warps;
 inline std::vector<unsigned char> dynamic_smem;
 inline int lane = 0, warp = 0;
 
+/// The bytes fresh device and shared memory holds here (a GPU gives whatever was there).
+inline constexpr unsigned char poison_byte = 0xff;
+
+/// The order in which threads are resumed each round and blocks are run.
+struct Schedule {
+  enum Kind { forward, reverse, shuffle } kind = forward;
+  std::mt19937 rng;
+  Schedule() {
+    const char* k = std::getenv("MOEROUTE_EMU_SCHEDULE");
+    const std::string name = k ? k : "forward";
+    if (name == "reverse") {
+      kind = reverse;
+    } else if (name == "shuffle") {
+      kind = shuffle;
+    } else if (name != "forward") {
+      std::fprintf(stderr, "MOEROUTE_EMU_SCHEDULE=%s: expected forward, reverse or shuffle\n", name.c_str());
+      std::abort();
+    }
+    const char* seed = std::getenv("MOEROUTE_EMU_SEED");
+    rng.seed(seed ? unsigned(std::strtoul(seed, nullptr, 10)) : 1u);
+  }
+  /// 0..n-1 in this schedule's order.
+  void order(std::vector<unsigned>& v, unsigned n) {
+    v.resize(n);
+    std::iota(v.begin(), v.end(), 0u);
+    if (kind == reverse) std::reverse(v.begin(), v.end());
+    if (kind == shuffle) std::shuffle(v.begin(), v.end(), rng);
+  }
+};
+inline Schedule& schedule() {
+  static Schedule s;
+  return s;
+}
+
+/// Running count of the blocks started, so that shared memory is fresh in every block.
+inline unsigned long long block_serial = 0;
+/// A static __shared__ array (kernels.cuh is preprocessed to call this after each one's
+/// declaration): the first thread of a block to reach it poisons it.
+inline void shared_array(void* p, std::size_t bytes) {
+  static std::vector<std::pair<void*, unsigned long long>> seen;  // array -> block it was poisoned in
+  for (auto& [q, serial] : seen)
+    if (q == p) {
+      if (serial != block_serial) {
+        serial = block_serial;
+        std::memset(p, poison_byte, bytes);
+      }
+      return;
+    }
+  seen.emplace_back(p, block_serial);
+  std::memset(p, poison_byte, bytes);
+}
+
 inline void fiber_main() {
   (*kernel)();
   fibers[current].done = true;
 }  // returns to the scheduler through uc_link
 
+/// Makes `fb` a fresh fiber that runs the kernel (apart from launch: getcontext returns
+/// twice, which would make every local of its caller suspect).
+[[gnu::noinline]] inline void start_fiber(Fiber& fb) {
+  constexpr std::size_t stack_bytes = 256 * 1024;  // the general path keeps 128-value rows per thread
+  fb.stack.resize(stack_bytes);
+  fb.done = false;
+  getcontext(&fb.context);
+  fb.context.uc_stack.ss_sp = fb.stack.data();
+  fb.context.uc_stack.ss_size = fb.stack.size();
+  fb.context.uc_link = &scheduler;
+  makecontext(&fb.context, fiber_main, 0);
+}
+
 /// Runs f as a kernel: blocks one after another, the threads of a block as fibers.
 inline void launch(dim3 grid, dim3 block, std::size_t smem, const std::function<void()>& f) {
   gridDim = grid;
   blockDim = block;
-  dynamic_smem.assign(std::max<std::size_t>(smem, 8), 0);
+  dynamic_smem.resize(std::max<std::size_t>(smem, 8));
   const unsigned n = block.x, nw = (n + 31) / 32;
   warps.assign(nw, Warp{});
   for (unsigned w = 0; w < nw; ++w) warps[w].bar.count = std::min(32u, n - 32 * w);
@@ -113,23 +192,18 @@ inline void launch(dim3 grid, dim3 block, std::size_t smem, const std::function<
   block_barrier.count = n;
   kernel = &f;
   if (fibers.size() < n) fibers.resize(n);
-  constexpr std::size_t stack_bytes = 256 * 1024;  // the general path keeps 128-value rows per thread
-  for (unsigned b = 0; b < grid.x; ++b) {
+  std::vector<unsigned> blocks, order;
+  schedule().order(blocks, grid.x);
+  for (const unsigned b : blocks) {
     blockIdx.x = b;
-    for (unsigned t = 0; t < n; ++t) {
-      Fiber& fb = fibers[t];
-      fb.stack.resize(stack_bytes);
-      fb.done = false;
-      getcontext(&fb.context);
-      fb.context.uc_stack.ss_sp = fb.stack.data();
-      fb.context.uc_stack.ss_size = fb.stack.size();
-      fb.context.uc_link = &scheduler;
-      makecontext(&fb.context, fiber_main, 0);
-    }
+    ++block_serial;
+    std::fill(dynamic_smem.begin(), dynamic_smem.end(), poison_byte);
+    for (unsigned t = 0; t < n; ++t) start_fiber(fibers[t]);
     for (unsigned left = n; left > 0;) {
       const unsigned long long before = progress;
       left = 0;
-      for (unsigned t = 0; t < n; ++t) {
+      schedule().order(order, n);
+      for (const unsigned t : order) {
         if (fibers[t].done) continue;
         current = t;
         threadIdx.x = t;
@@ -297,8 +371,25 @@ template <class... A>
 Args<std::decay_t<A>...> args(A&&... a) {
   return {std::tuple<std::decay_t<A>...>(std::forward<A>(a)...)};
 }
+/// Kernel launch limits of the devices moeroute targets (sm_80, sm_90).
+inline constexpr unsigned max_block_threads = 1024;
+inline constexpr std::size_t max_default_dynamic_smem = 48 * 1024;  // more needs cudaFuncSetAttribute
+/// A launch configuration a GPU would reject: the error, else cudaSuccess.
+inline cudaError_t check_config(const Config& c) {
+  if (c.block.x == 0 || c.block.y == 0 || c.block.z == 0 ||
+      std::size_t(c.block.x) * c.block.y * c.block.z > max_block_threads)
+    return cudaErrorInvalidConfiguration;
+  if (c.grid.x == 0 || c.grid.y == 0 || c.grid.z == 0 || c.grid.y > 65535 || c.grid.z > 65535 || c.grid.x > 0x7fffffffu)
+    return cudaErrorInvalidConfiguration;
+  if (c.smem > max_default_dynamic_smem) return cudaErrorInvalidValue;
+  return cudaSuccess;
+}
 template <class F, class... A>
 void operator|(Bound<F> b, Args<A...> a) {
+  if (const cudaError_t e = check_config(b.config)) {  // reported by the next cudaGetLastError, as on a GPU
+    last_error = e;
+    return;
+  }
   submit([b, a] { launch(b.config.grid, b.config.block, b.config.smem, [&] { std::apply(b.kernel, a.values); }); });
 }
 }  // namespace emu
@@ -316,6 +407,8 @@ inline const char* cudaGetErrorName(cudaError_t e) {
       return "cudaErrorInvalidValue";
     case cudaErrorMemoryAllocation:
       return "cudaErrorMemoryAllocation";
+    case cudaErrorInvalidConfiguration:
+      return "cudaErrorInvalidConfiguration";
     case cudaErrorStreamCaptureUnsupported:
       return "cudaErrorStreamCaptureUnsupported";
     default:
@@ -330,6 +423,8 @@ inline const char* cudaGetErrorString(cudaError_t e) {
       return "invalid argument";
     case cudaErrorMemoryAllocation:
       return "out of memory";
+    case cudaErrorInvalidConfiguration:
+      return "invalid configuration argument";
     case cudaErrorStreamCaptureUnsupported:
       return "operation not permitted when stream is capturing";
     default:
@@ -346,7 +441,9 @@ template <class T>
 cudaError_t cudaMalloc(T** p, std::size_t bytes) {
   if (cudaError_t e = emu::forbidden_in_capture()) return e;
   *p = static_cast<T*>(std::malloc(std::max<std::size_t>(bytes, 1)));
-  return *p ? cudaSuccess : cudaErrorMemoryAllocation;
+  if (!*p) return cudaErrorMemoryAllocation;
+  std::memset(static_cast<void*>(*p), emu::poison_byte, bytes);
+  return cudaSuccess;
 }
 template <class T>
 cudaError_t cudaMallocHost(T** p, std::size_t bytes) {
