@@ -6,7 +6,10 @@
 // - graph: the same forward captured in a CUDA graph, one graph launch per call (the per
 //   call latency an engine sees when it replays its step graph);
 // - backward: ∂L/∂logits from ∂L/∂gates (CudaEngine::backward);
-// - plan: counts, offsets, stable order and inverse (CudaEngine::plan).
+// - plan: counts, offsets, stable order and inverse (CudaEngine::plan);
+// - forward_group_topk: DeepSeek-V3's selection (sigmoid + bias, GroupTopK<8, 8, 4>);
+// - forward_expert_choice: ExpertChoice with capacity factor k (C = ⌈k·T/E⌉, the compute of
+//   top-k): the fused scoring pass, then the per-expert radix select over [E, T] scores.
 // The memory floor of a call is its compulsory DRAM traffic (logits read once, outputs
 // written once) divided by the device-to-device copy bandwidth measured here.
 // Output: one CSV row per case on stdout (header first); --quick runs T = 4096 and 65536,
@@ -146,6 +149,28 @@ void run_case(cudaStream_t s, double bw, const char* dtype, index_t T, index_t E
     cudaFree(bias);
   }
 
+  // expert choice on the same logits, capacity factor k: the same number of assignments
+  RouterConfig ec_cfg;
+  ec_cfg.num_experts = E;
+  ec_cfg.capacity_factor = float(k);
+  const index_t C = ExpertChoice::capacity(T, E, ec_cfg);
+  std::int32_t* ec_ids = nullptr;
+  float* ec_gates = nullptr;
+  MOEROUTE_CUDA_CHECK(cudaMalloc(&ec_ids, std::size_t(E * C) * 4));
+  MOEROUTE_CUDA_CHECK(cudaMalloc(&ec_gates, std::size_t(E * C) * 4));
+  RoutingView ec_out = out;
+  ec_out.kind = ChoiceKind::expert;
+  ec_out.slots = C;
+  ec_out.ids = {ec_ids, std::size_t(E * C)};
+  ec_out.gates = {ec_gates, std::size_t(E * C)};
+  CudaEngine<Softmax, ExpertChoice> eeng;
+  eeng.set_stream(s);
+  eeng.reserve(T, E);
+  const double ec_fwd = tm.time_us(s, reps, [&] { eeng.forward(xv, ec_cfg, C, ec_out); });
+  eeng.check_errors(xv);
+  cudaFree(ec_ids);
+  cudaFree(ec_gates);
+
   // compulsory traffic: forward reads the logits, writes ids + gates; backward also reads
   // ids + ∂gates and writes ∂logits (fp32); the plan reads ids, writes order + position
   const double fwd_bytes = double(T * E) * sizeof(L) + double(T * k) * 8;
@@ -161,6 +186,7 @@ void run_case(cudaStream_t s, double bw, const char* dtype, index_t T, index_t E
   row("backward", bwd, bwd_bytes);
   row("plan", plan, plan_bytes);
   if (group_fwd >= 0.0) row("forward_group_topk", group_fwd, fwd_bytes);
+  row("forward_expert_choice", ec_fwd, double(T * E) * sizeof(L) + double(E * C) * 8);
   std::fflush(stdout);
   for (void* p : {(void*)x, (void*)ids, (void*)gates, (void*)dg, (void*)dz, (void*)counts, (void*)probs, (void*)pc,
                   (void*)po, (void*)order, (void*)pos})

@@ -28,9 +28,10 @@ string(REGEX REPLACE "#include <moeroute/([a-z_/]+\\.hpp)\"" "#include <moeroute
        "${MOEROUTE_EMU_SRC}")
 string(REGEX REPLACE "extern __shared__ ([a-z]+) ([a-z_]+)\\[\\];"
        "\\1* \\2 = reinterpret_cast<\\1*>(emu::dynamic_smem.data());" MOEROUTE_EMU_SRC "${MOEROUTE_EMU_SRC}")
-# static shared arrays: storage that the first thread of each block poisons (see the emulator)
-string(REGEX REPLACE "__shared__ ([a-z ]+) ([a-z_]+)(\\[[^;]*);"
-       "static \\1 \\2\\3; emu::shared_array(\\2, sizeof(\\2));" MOEROUTE_EMU_SRC "${MOEROUTE_EMU_SRC}")
+# static shared variables and arrays: storage that the first thread of each block poisons
+# (see the emulator)
+string(REGEX REPLACE "__shared__ ([a-z ]+) ([a-z_]+)((\\[[^;]*)?);"
+       "static \\1 \\2\\3; emu::shared_array(&\\2, sizeof(\\2));" MOEROUTE_EMU_SRC "${MOEROUTE_EMU_SRC}")
 string(FIND "${MOEROUTE_EMU_SRC}" "__shared__" MOEROUTE_EMU_LEFT)
 if(NOT MOEROUTE_EMU_LEFT EQUAL -1)
   message(FATAL_ERROR "kernels.cuh: a __shared__ declaration the emulator's preprocessing does not handle")

@@ -65,26 +65,29 @@ struct Dev {
   std::span<T> span() const { return {p, n}; }
 };
 
-/// Device storage for a token-choice RoutingView.
+/// Device storage for a RoutingView: ids and gates [T, k] (token choice) or [E, C] (expert
+/// choice, k = C).
 struct DevRouting {
   Dev<std::int32_t> ids;
   Dev<float> gates;
   Dev<std::int64_t> counts, gcounts;
   Dev<float> probs, gprobs;
   index_t T, E, k;
-  DevRouting(index_t T_, index_t E_, index_t k_)
-      : ids(std::size_t(T_ * k_)),
-        gates(std::size_t(T_ * k_)),
+  ChoiceKind kind;
+  DevRouting(index_t T_, index_t E_, index_t k_, ChoiceKind kind_ = ChoiceKind::token)
+      : ids(std::size_t((kind_ == ChoiceKind::token ? T_ : E_) * k_)),
+        gates(std::size_t((kind_ == ChoiceKind::token ? T_ : E_) * k_)),
         counts(std::size_t(E_)),
         gcounts(std::size_t(E_)),
         probs(std::size_t(E_)),
         gprobs(std::size_t(E_)),
         T(T_),
         E(E_),
-        k(k_) {}
+        k(k_),
+        kind(kind_) {}
   RoutingView view() const {
     RoutingView v;
-    v.kind = ChoiceKind::token;
+    v.kind = kind;
     v.tokens = T;
     v.experts = E;
     v.slots = k;
@@ -183,35 +186,15 @@ std::vector<float> make_input(Input kind, index_t T, index_t E, unsigned seed) {
   return z;
 }
 
-/// Routes the same logits with ReferenceBackend and CudaBackend (through Router) and
-/// compares forward, backward and the dispatch plan.
-template <class Sc, class L, class Bal = NoBalancing, class Se = TopKRuntime>
-void compare(index_t T, index_t E, index_t k, Input kind, bool renorm, float scaling, unsigned seed,
-             const typename Bal::Config& bal = {}) {
-  T = tokens(T);
-  CAPTURE(T);
-  CAPTURE(E);
-  CAPTURE(k);
-  CAPTURE(int(kind));
-  CAPTURE(renorm);
-  CAPTURE(Sc::name);
-  CAPTURE(Se::name);
-  RouterConfig cfg;
-  cfg.num_experts = E;
-  cfg.top_k = k;
-  cfg.renormalize = renorm;
-  cfg.scaling = scaling;
-  Router<Se, Bal, ReferenceBackend, Sc> ref(cfg, bal);
-  Router<Se, Bal, CudaBackend, Sc> gpu(cfg, bal);
-
-  const std::vector<L> x = to_logits<L>(make_input(kind, T, E, seed));
-  RoutingBuffers rb;
-  RoutingView rv = ref.make_output(rb, T);
+/// Routes `x` with the reference router (into `rv`) and the GPU router (into `dr`/`gv`) and
+/// checks ids and counts bit for bit, gates, probability sums and the aux loss within 1e-6,
+/// then the backward of random ∂L/∂gates within 1e-6 (floored at 1e-3 of a row's largest).
+template <class Ref, class Gpu, class L>
+void route_and_backward_agree(Ref& ref, Gpu& gpu, const std::vector<L>& x, RoutingView& rv, DevRouting& dr,
+                              RoutingView& gv, unsigned seed) {
+  const index_t T = rv.tokens, E = rv.experts, rows = rv.rows(), k = rv.slots;
   ref.route(MatrixView<const L>(x.data(), T, E), rv);
-
   Dev<L> dx(x);
-  DevRouting dr(T, E, k);
-  RoutingView gv = dr.view();
   gpu.route(MatrixView<const L>(dx.p, T, E), gv);
   gpu.engine().check_errors(MatrixView<const L>(dx.p, T, E));
 
@@ -234,13 +217,13 @@ void compare(index_t T, index_t E, index_t k, Input kind, bool renorm, float sca
   // backward
   std::mt19937 rng(seed + 1);
   std::normal_distribution<float> n(0.0f, 1.0f);
-  std::vector<float> dg(std::size_t(T * k));
+  std::vector<float> dg(std::size_t(rows * k));
   for (auto& v : dg) v = n(rng);
   std::vector<float> dz_ref(std::size_t(T * E));
-  ref.backward(MatrixView<const L>(x.data(), T, E), rv, MatrixView<const float>(dg.data(), T, k),
+  ref.backward(MatrixView<const L>(x.data(), T, E), rv, MatrixView<const float>(dg.data(), rows, k),
                MatrixView<float>(dz_ref.data(), T, E));
   Dev<float> ddg(dg), ddz(std::size_t(T * E));
-  gpu.backward(MatrixView<const L>(dx.p, T, E), gv, MatrixView<const float>(ddg.p, T, k),
+  gpu.backward(MatrixView<const L>(dx.p, T, E), gv, MatrixView<const float>(ddg.p, rows, k),
                MatrixView<float>(ddz.p, T, E));
   const auto dz = ddz.download();
   bad = 0;
@@ -253,6 +236,34 @@ void compare(index_t T, index_t E, index_t k, Input kind, bool renorm, float sca
           !close(dz[std::size_t(t * E + e)], dz_ref[std::size_t(t * E + e)], 1e-6f, std::max(1e-3f * rowmax, 1e-30f));
   }
   CHECK(bad == 0);
+}
+
+/// Routes the same logits with ReferenceBackend and CudaBackend (through Router) and
+/// compares forward, backward and the dispatch plan.
+template <class Sc, class L, class Bal = NoBalancing, class Se = TopKRuntime>
+void compare(index_t T, index_t E, index_t k, Input kind, bool renorm, float scaling, unsigned seed,
+             const typename Bal::Config& bal = {}) {
+  T = tokens(T);
+  CAPTURE(T);
+  CAPTURE(E);
+  CAPTURE(k);
+  CAPTURE(int(kind));
+  CAPTURE(renorm);
+  CAPTURE(Sc::name);
+  CAPTURE(Se::name);
+  RouterConfig cfg;
+  cfg.num_experts = E;
+  cfg.top_k = k;
+  cfg.renormalize = renorm;
+  cfg.scaling = scaling;
+  Router<Se, Bal, ReferenceBackend, Sc> ref(cfg, bal);
+  Router<Se, Bal, CudaBackend, Sc> gpu(cfg, bal);
+  const std::vector<L> x = to_logits<L>(make_input(kind, T, E, seed));
+  RoutingBuffers rb;
+  RoutingView rv = ref.make_output(rb, T);
+  DevRouting dr(T, E, k);
+  RoutingView gv = dr.view();
+  route_and_backward_agree(ref, gpu, x, rv, dr, gv, seed);
 
   // dispatch plan: a naive stable counting sort of the reference ids
   Dev<std::int32_t> pc{std::size_t(E)}, po{std::size_t(E + 1)}, order{std::size_t(T * k)}, pos{std::size_t(T * k)};
@@ -265,9 +276,34 @@ void compare(index_t T, index_t E, index_t k, Input kind, bool renorm, float sca
   const auto got_off = po.download(), got_order = order.download(), got_pos = pos.download();
   CHECK(got_off == off);
   CHECK(got_order == want);
-  bad = 0;
+  int bad = 0;
   for (index_t i = 0; i < T * k; ++i) bad += got_pos[std::size_t(want[std::size_t(i)])] != i;
   CHECK(bad == 0);
+}
+
+/// ExpertChoice with ReferenceBackend and CudaBackend: the same token lists [E, C] (with −1
+/// beyond T), counts, gates, statistics and gradients.
+template <class Sc, class L, class Bal = NoBalancing>
+void compare_expert_choice(index_t T, index_t E, float capacity_factor, Input kind, float scaling, unsigned seed,
+                           const typename Bal::Config& bal = {}) {
+  T = tokens(T);
+  CAPTURE(T);
+  CAPTURE(E);
+  CAPTURE(capacity_factor);
+  CAPTURE(int(kind));
+  CAPTURE(Sc::name);
+  RouterConfig cfg;
+  cfg.num_experts = E;
+  cfg.capacity_factor = capacity_factor;
+  cfg.scaling = scaling;
+  Router<ExpertChoice, Bal, ReferenceBackend, Sc> ref(cfg, bal);
+  Router<ExpertChoice, Bal, CudaBackend, Sc> gpu(cfg, bal);
+  const std::vector<L> x = to_logits<L>(make_input(kind, T, E, seed));
+  RoutingBuffers rb;
+  RoutingView rv = ref.make_output(rb, T);
+  DevRouting dr(T, E, ref.slots(T), ChoiceKind::expert);
+  RoutingView gv = dr.view();
+  route_and_backward_agree(ref, gpu, x, rv, dr, gv, seed);
 }
 
 }  // namespace
@@ -380,12 +416,12 @@ bool gradients_agree(const std::vector<float>& dz, const std::vector<float>& dz_
 template <class Ref, class Gpu>
 bool backward_agrees(Ref& ref, const RoutingView& rv, const std::vector<float>& z, Gpu& gpu, const RoutingView& gv,
                      const Dev<float>& dx) {
-  const index_t T = rv.tokens, E = rv.experts, k = rv.slots;
-  std::vector<float> dg(std::size_t(T * k), 0.25f), dz_ref(std::size_t(T * E));
-  ref.backward(MatrixView<const float>(z.data(), T, E), rv, MatrixView<const float>(dg.data(), T, k),
+  const index_t T = rv.tokens, E = rv.experts, rows = rv.rows(), k = rv.slots;
+  std::vector<float> dg(std::size_t(rows * k), 0.25f), dz_ref(std::size_t(T * E));
+  ref.backward(MatrixView<const float>(z.data(), T, E), rv, MatrixView<const float>(dg.data(), rows, k),
                MatrixView<float>(dz_ref.data(), T, E));
   Dev<float> ddg(dg), ddz(std::size_t(T * E));
-  gpu.backward(MatrixView<const float>(dx.p, T, E), gv, MatrixView<const float>(ddg.p, T, k),
+  gpu.backward(MatrixView<const float>(dx.p, T, E), gv, MatrixView<const float>(ddg.p, rows, k),
                MatrixView<float>(ddz.p, T, E));
   return gradients_agree(ddz.download(), dz_ref);
 }
@@ -469,16 +505,17 @@ void sequence_steps(index_t T, index_t E, index_t L) {
   CAPTURE(T);
   CAPTURE(E);
   CAPTURE(L);
-  const index_t k = 8;
+  constexpr bool expert = Se::choice == ChoiceKind::expert;
   RouterConfig cfg;
   cfg.num_experts = E;
-  cfg.top_k = k;
+  cfg.top_k = expert ? 0 : 8;
+  cfg.capacity_factor = 1.5f;  // expert choice: C = ceil(1.5 T / E)
   cfg.sequence_length = L;
   using Bal = Balancers<LossFree<>, PerSequenceSwitchAux>;
   Router<Se, Bal, ReferenceBackend, Sc> ref(cfg);
   Router<Se, Bal, CudaBackend, Sc> gpu(cfg);
   const index_t S = L > 0 ? T / L : 1;
-  DevRouting dr(T, E, k);
+  DevRouting dr(T, E, ref.slots(T), Se::choice);
   Dev<std::int64_t> dseq_counts(std::size_t(S * E));
   Dev<float> dseq_probs(std::size_t(S * E));
   RoutingBuffers rb;
@@ -518,6 +555,30 @@ TEST_CASE("cuda: per-sequence statistics and the sequence-wise loss (DeepSeek-V3
   sequence_steps<GroupTopK<8, 8, 4>, Sigmoid>(tokens(40000, 40), 256, tokens(4000, 20));  // several tokens per warp
   sequence_steps<TopK<8>, Softmax>(tokens(3000, 30), 64, tokens(100, 3));                 // sequences end inside blocks
   sequence_steps<TopK<8>, Softmax>(tokens(512, 24), 128, 0);                              // the batch is one sequence
+  sequence_steps<ExpertChoice, Softmax>(tokens(3000, 30), 16, tokens(100, 3));  // Loss-Free's bias in the keys
+}
+
+TEST_CASE("cuda: ExpertChoice equals the reference (token lists, ties, C > T, every scoring, bf16, bias, aux terms)") {
+  if (!cuda_ready()) return;
+  compare_expert_choice<Softmax, float>(2048, 64, 1.0f, Input::random, 1.0f, 1);
+  compare_expert_choice<Softmax, float>(1000, 7, 2.0f, Input::random, 2.5f, 2);  // E not a power of 2
+  compare_expert_choice<Softmax, float>(10, 4, 8.0f, Input::random, 1.0f, 3);    // C = 20 > T: slots of -1
+  compare_expert_choice<Softmax, float>(777, 8, 1.25f, Input::ties, 1.0f, 4);    // ties: lower token first
+  compare_expert_choice<Softmax, float>(500, 8, 1.0f, Input::tiny_spread, 1.0f, 5);
+  compare_expert_choice<Softmax, float>(300, 16, 1.0f, Input::huge, 1.0f, 6);
+  compare_expert_choice<Sigmoid, float>(600, 128, 1.0f, Input::random, 1.0f, 7);
+  compare_expert_choice<SqrtSoftplus, float>(400, 64, 2.0f, Input::random, 1.0f, 8);
+  compare_expert_choice<Softmax, bfloat16>(1024, 256, 1.0f, Input::random, 1.0f, 9);
+  compare_expert_choice<Softmax, float16>(1024, 96, 3.0f, Input::ties, 1.0f, 10);
+  compare_expert_choice<Softmax, float>(64, 1000, 4.0f, Input::random, 1.0f, 11);  // the general path (E > 512)
+  compare_expert_choice<Softmax, float>(20000, 8, 1.0f, Input::random, 1.0f, 12);  // tokens per warp > 1
+  std::mt19937 rng(13);
+  std::normal_distribution<float> n(0.0f, 0.05f);
+  std::vector<float> bias(16), dprob(16);
+  for (auto& v : bias) v = n(rng);
+  for (auto& v : dprob) v = n(rng);
+  compare_expert_choice<Softmax, float, FixedBias>(512, 16, 1.0f, Input::random, 1.0f, 14, {bias});
+  compare_expert_choice<Sigmoid, float, FixedAux>(512, 16, 1.0f, Input::random, 1.0f, 15, {dprob, 1e-2f});
 }
 
 namespace cuda_test {
@@ -575,7 +636,7 @@ cudaGraphExec_t capture_training_step(Gpu& gpu, MatrixView<const float> xv, Rout
   cudaGraph_t graph;
   MOEROUTE_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
   gpu.route(xv, gv);
-  gpu.backward(xv, gv, MatrixView<const float>(ddg.p, T, k), MatrixView<float>(ddz.p, T, E));
+  gpu.backward(xv, gv, MatrixView<const float>(ddg.p, gv.rows(), k), MatrixView<float>(ddz.p, T, E));
   gpu.step();
   MOEROUTE_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
   cudaGraphExec_t exec;
@@ -789,6 +850,56 @@ TEST_CASE("cuda: route + backward captured in a CUDA graph, replayed on new logi
     CHECK(dr.ids.download() == std::vector<std::int32_t>(rv.ids.begin(), rv.ids.end()));
     CHECK(dr.counts.download() == std::vector<std::int64_t>(rv.counts.begin(), rv.counts.end()));
     CHECK(gradients_agree(ddz.download(), dz_ref));
+  }
+  MOEROUTE_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  MOEROUTE_CUDA_CHECK(cudaStreamDestroy(s));
+}
+
+TEST_CASE("cuda: an ExpertChoice step with PhiBalancing + z-loss captured in a CUDA graph follows the CPU") {
+  if (!cuda_ready()) return;
+  const index_t T = tokens(4096, 48), E = 16;
+  RouterConfig cfg;
+  cfg.num_experts = E;
+  cfg.capacity_factor = 2.0f;
+  using Bal = Balancers<PhiBalancing<Entropy>, ZLoss>;
+  Router<ExpertChoice, Bal, CudaBackend> gpu(cfg);
+  Router<ExpertChoice, Bal, ReferenceBackend> ref(cfg);
+  const index_t C = ref.slots(T);
+  cudaStream_t s;
+  MOEROUTE_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  gpu.engine().set_stream(s);
+  Dev<float> dx(std::size_t(T * E)), ddg(std::size_t(E * C)), ddz(std::size_t(T * E));
+  DevRouting dr(T, E, C, ChoiceKind::expert);
+  RoutingView gv = dr.view();
+  const MatrixView<const float> xv(dx.p, T, E);
+  gpu.set_training(false);  // allocates the workspace and uploads the state, changing nothing
+  gpu.route(xv, gv);
+  gpu.set_training(true);
+  const cudaGraphExec_t exec = capture_training_step(gpu, xv, gv, ddg, ddz, s);
+  for (unsigned rep = 0; rep < 3; ++rep) {
+    CAPTURE(rep);
+    auto z = make_input(Input::random, T, E, 81 + rep);
+    for (index_t t = 0; t < T; ++t) z[std::size_t(t * E + (t % 3))] += 2.0f;  // skewed: φ's estimate moves
+    std::vector<float> dg(std::size_t(E * C));
+    for (std::size_t i = 0; i < dg.size(); ++i) dg[i] = float(int(i % 5) - 2) * 0.5f;
+    dx.upload(z);
+    ddg.upload(dg);
+    MOEROUTE_CUDA_CHECK(cudaGraphLaunch(exec, s));
+    MOEROUTE_CUDA_CHECK(cudaStreamSynchronize(s));
+    RoutingBuffers rb;
+    RoutingView rv = ref.make_output(rb, T);
+    ref.route(MatrixView<const float>(z.data(), T, E), rv);
+    std::vector<float> dz_ref(std::size_t(T * E));
+    ref.backward(MatrixView<const float>(z.data(), T, E), rv, MatrixView<const float>(dg.data(), E, C),
+                 MatrixView<float>(dz_ref.data(), T, E));
+    ref.step();
+    CHECK(dr.ids.download() == std::vector<std::int32_t>(rv.ids.begin(), rv.ids.end()));
+    CHECK(close(device_aux_loss(gpu.engine().aux_loss_device()), rv.aux_loss, 1e-6f, 1e-12f));
+    CHECK(gradients_agree(ddz.download(), dz_ref));
+    Bal live = gpu.balancer();
+    gpu.engine().download_state(live);
+    CHECK(std::equal(live.get<0>().load_estimate().begin(), live.get<0>().load_estimate().end(),
+                     ref.balancer().get<0>().load_estimate().begin()));
   }
   MOEROUTE_CUDA_CHECK(cudaGraphExecDestroy(exec));
   MOEROUTE_CUDA_CHECK(cudaStreamDestroy(s));

@@ -571,3 +571,69 @@ TEST_CASE("emulated CUDA kernels: per-sequence statistics and the sequence-wise 
   run_sequences<Softmax>(12, 24, 3, 1, 43);   // one token per sequence
   run_sequences<Softmax>(20, 7, 2, 20, 44);   // the batch is one sequence
 }
+
+namespace {
+
+/// The expert-choice selection kernel on keys [T, E] against ExpertChoice::select_batch:
+/// token lists, gates γ·s, counts and per-sequence counts. `levels` > 0 draws keys from that
+/// many values (ties, including −0 and +0), else from a normal distribution.
+void run_expert_choice(index_t T, index_t E, index_t C, index_t seq_len, int levels, unsigned seed) {
+  CAPTURE(T);
+  CAPTURE(E);
+  CAPTURE(C);
+  CAPTURE(levels);
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::uniform_int_distribution<int> level(0, std::max(levels - 1, 0));
+  std::vector<float> keys(std::size_t(T * E)), scores(keys.size());
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    const int l = level(rng);
+    keys[i] = levels > 0 ? (l == 0 ? -0.0f : 0.25f * float(l - levels / 2)) : nd(rng);
+    scores[i] = std::fabs(nd(rng));
+  }
+  std::vector<float> keys_t(keys.size()), scores_t(keys.size());  // the kernel reads [E, T]
+  for (index_t t = 0; t < T; ++t)
+    for (index_t e = 0; e < E; ++e) {
+      keys_t[std::size_t(e * T + t)] = keys[std::size_t(t * E + e)];
+      scores_t[std::size_t(e * T + t)] = scores[std::size_t(t * E + e)];
+    }
+  std::vector<std::int32_t> want(std::size_t(E * C)), scratch(static_cast<std::size_t>(T));
+  ExpertChoice::select_batch(MatrixView<const float>(keys.data(), T, E), C, MatrixView<std::int32_t>(want.data(), E, C),
+                             std::span<std::int32_t>(scratch));
+  const index_t S = T / seq_len;
+  std::vector<std::int32_t> ids(want.size(), 7);
+  std::vector<float> gates(want.size(), 7.0f);
+  std::vector<std::int64_t> counts(std::size_t(E), 7), global_counts(std::size_t(E), 7),
+      seq_counts(std::size_t(S * E), 0);
+  const float gamma = 1.5f;
+  emu::launch(dim3(unsigned(E)), dim3(cd::plan_threads), 0, [&] {
+    cd::expert_choice_select_kernel(keys_t.data(), scores_t.data(), int(T), int(E), int(C), gamma, ids.data(),
+                                    gates.data(), counts.data(), global_counts.data(), seq_len, seq_counts.data());
+  });
+  CHECK(ids == want);
+  std::vector<std::int64_t> want_seq(seq_counts.size(), 0);
+  int bad = 0;
+  for (index_t e = 0; e < E; ++e) {
+    bad += counts[std::size_t(e)] != std::min(C, T) || global_counts[std::size_t(e)] != std::min(C, T);
+    for (index_t j = 0; j < C; ++j) {
+      const std::int32_t t = want[std::size_t(e * C + j)];
+      const float g = t < 0 ? 0.0f : scores[std::size_t(t * E + e)] * gamma;
+      bad += gates[std::size_t(e * C + j)] != g;
+      if (t >= 0) ++want_seq[std::size_t((t / seq_len) * E + e)];
+    }
+  }
+  CHECK(bad == 0);
+  CHECK(seq_counts == want_seq);
+}
+
+}  // namespace
+
+TEST_CASE("emulated CUDA kernels: expert choice selection (radix select, ties to the lower token, C > T)") {
+  run_expert_choice(200, 5, 40, 200, 0, 51);   // several block-wide chunks of tokens
+  run_expert_choice(300, 3, 100, 50, 4, 52);   // heavy ties across chunks, six sequences
+  run_expert_choice(97, 4, 1, 97, 0, 53);      // C = 1
+  run_expert_choice(64, 2, 63, 8, 2, 54);      // all but one token; −0 and +0 tie
+  run_expert_choice(10, 3, 25, 5, 0, 55);      // C > T: every token, then −1
+  run_expert_choice(150, 2, 150, 150, 3, 56);  // C = T
+  run_expert_choice(1000, 2, 300, 100, 0, 57);
+}

@@ -41,6 +41,7 @@
 #include "../../core.hpp"
 #include "../../routing.hpp"
 #include "../../scoring.hpp"
+#include "../../selection/expert_choice.hpp"
 #include "../../selection/topk.hpp"
 #include "../../state.hpp"
 #include "common.cuh"
@@ -324,12 +325,14 @@ inline constexpr bool device_balancing = !std::is_same_v<B, NoBalancing> && Devi
 
 }  // namespace cuda_detail
 
-/// The CUDA engine of one scoring and selection policy (TopK<k>, TopK<runtime_k> or GroupTopK).
+/// The CUDA engine of one scoring and selection policy (TopK<k>, TopK<runtime_k>, GroupTopK
+/// or ExpertChoice).
 template <ScoringPolicy Sc, SelectionPolicy Se>
 class CudaEngine {
-  static_assert(cuda_detail::is_topk<Se>::value || cuda_detail::group_selection<Se>::value,
-                "CudaBackend: TopK<k>, TopKRuntime and GroupTopK run on the GPU (ExpertChoice: use ReferenceBackend "
-                "or CpuBackend)");
+  static constexpr bool expert_choice = std::is_same_v<Se, ExpertChoice>;
+  static_assert(cuda_detail::is_topk<Se>::value || cuda_detail::group_selection<Se>::value || expert_choice,
+                "CudaBackend: TopK<k>, TopKRuntime, GroupTopK and ExpertChoice run on the GPU (user selection "
+                "policies: use ReferenceBackend or CpuBackend)");
 
  public:
   CudaEngine() = default;
@@ -358,6 +361,11 @@ class CudaEngine {
     dprob_.reserve(std::size_t(experts));
     const index_t chunks = (tokens + cuda_detail::plan_chunk_tokens - 1) / cuda_detail::plan_chunk_tokens;
     plan_part_.reserve(std::size_t(std::max<index_t>(chunks, 1) * experts));
+    if constexpr (expert_choice) {  // the batch's scores, keys and score gradient, [E, T]
+      scores_t_.reserve(std::size_t(tokens * experts));
+      keys_t_.reserve(std::size_t(tokens * experts));
+      ds_t_.reserve(std::size_t(tokens * experts));
+    }
     if (!bad_initialised_) {
       MOEROUTE_CUDA_CHECK(cudaMemsetAsync(bad_.data(), 0xff, sizeof(unsigned long long), stream_));
       bad_initialised_ = true;
@@ -365,7 +373,8 @@ class CudaEngine {
   }
 
   /// The fused forward on the device: ids, gates, counts, prob_sums (and global_* copies, the
-  /// local ones) of `out`, all device spans; when `out.seq_counts` is not empty also the
+  /// local ones) of `out`, all device spans (ExpertChoice: `k` is the capacity C and ids and
+  /// gates are [E, C], as RoutingView describes); when `out.seq_counts` is not empty also the
   /// per-sequence seq_counts and seq_prob_sums [S, E] of `out.sequence_length`-token
   /// sequences (0: the batch is one sequence). `bias`: a device [E] selection bias or null.
   /// `with_lse`: also Σ_t lse(z_t)² (device, lse_sq_sum_device()). No synchronisation.
@@ -374,17 +383,23 @@ class CudaEngine {
                bool with_lse = false) {
     using LT = std::remove_const_t<L>;
     const index_t T = x.rows, E = x.cols;
-    detail::require(k >= 1 && k <= std::min<index_t>(E, max_top_k), "k", "k = ", k, " must be in [1, min(E, 64)]");
+    if constexpr (expert_choice) {
+      detail::require(k >= 0 && (k >= 1 || T == 0), "k", "capacity C = ", k, " must be >= 1");
+      detail::require(T <= index_t(INT32_MAX) / E, "logits", "T = ", T, " is too large");
+    } else {
+      detail::require(k >= 1 && k <= std::min<index_t>(E, max_top_k), "k", "k = ", k, " must be in [1, min(E, 64)]");
+    }
     detail::require(E >= 1 && E <= max_experts, "logits", "E = ", E, " must be in [1, ", max_experts, "]");
     detail::require(T <= index_t(INT32_MAX) / std::max<index_t>(k, 1), "logits", "T = ", T, " is too large");
+    const index_t rows = expert_choice ? E : T;               // of ids and gates
     if constexpr (cuda_detail::group_selection<Se>::value) {  // groups must divide E and supply k experts
       RouterConfig gc;
       gc.num_experts = E;
       gc.top_k = k;
       Se::validate(gc);
     }
-    detail::check_span(out.ids, "out.ids", T * k);
-    detail::check_span(out.gates, "out.gates", T * k);
+    detail::check_span(out.ids, "out.ids", rows * k);
+    detail::check_span(out.gates, "out.gates", rows * k);
     detail::check_span(out.counts, "out.counts", E);
     detail::check_span(out.prob_sums, "out.prob_sums", E);
     const bool seq = !out.seq_counts.empty();
@@ -413,6 +428,10 @@ class CudaEngine {
       P.nan_as_neg_inf = c.non_finite == NonFinite::nan_as_neg_inf;
       P.ids = out.ids.data();
       P.gates = out.gates.data();
+      if constexpr (expert_choice) {
+        P.scores_t = scores_t_.data();
+        P.keys_t = bias ? keys_t_.data() : nullptr;
+      }
       P.part_prob = part_prob_.data();
       P.part_count = part_count_.data();
       P.part_lse = with_lse ? part_lse_.data() : nullptr;
@@ -433,6 +452,16 @@ class CudaEngine {
               out.seq_counts.data(), out.seq_prob_sums.data());
       MOEROUTE_CUDA_CHECK_LAUNCH();
     }
+    if constexpr (expert_choice) {
+      if (T > 0) {  // after the reductions: the counts are the selection's, not the forward's zeros
+        cuda_detail::expert_choice_select_kernel<<<unsigned(E), cuda_detail::plan_threads, 0, stream_>>>(
+            bias ? keys_t_.data() : scores_t_.data(), scores_t_.data(), int(T), int(E), int(k), c.scaling,
+            out.ids.data(), out.gates.data(), out.counts.data(),
+            out.global_counts.empty() ? nullptr : out.global_counts.data(), seq_len,
+            seq ? out.seq_counts.data() : nullptr);
+        MOEROUTE_CUDA_CHECK_LAUNCH();
+      }
+    }
   }
 
   /// The backward on the device: ∂L/∂logits (written) from ∂L/∂gates and the balancers'
@@ -452,6 +481,18 @@ class CudaEngine {
     P.ids = r.ids.data();
     P.dg = dg.data;
     P.dg_stride = dg.stride;
+    if constexpr (expert_choice) {  // the [E, C] gate gradient scattered into a dense ∂L/∂s
+      reserve(T, E);
+      const index_t C = r.slots;
+      MOEROUTE_CUDA_CHECK(cudaMemsetAsync(ds_t_.data(), 0, std::size_t(T * E) * sizeof(float), stream_));
+      if (C > 0) {
+        cuda_detail::expert_choice_scatter_kernel<<<unsigned((E * C + 255) / 256), 256, 0, stream_>>>(
+            r.ids.data(), dg.data, dg.stride, int(T), int(E), int(C), c.scaling, ds_t_.data());
+        MOEROUTE_CUDA_CHECK_LAUNCH();
+      }
+      P.k = 0;
+      P.ds_t = ds_t_.data();
+    }
     P.renormalize = c.renormalize;
     P.scaling = c.scaling;
     P.nan_as_neg_inf = c.non_finite == NonFinite::nan_as_neg_inf;
@@ -485,6 +526,7 @@ class CudaEngine {
   /// only the ids: counts come from a per-chunk histogram and two fixed-order scans, ranks
   /// within a chunk from warp matching, so the result never depends on atomic ordering.
   void plan(const RoutingView& r, const CudaPlanView& p) {
+    static_assert(!expert_choice, "CudaEngine::plan: an ExpertChoice routing is already the plan (ids [E, C])");
     const index_t T = r.tokens, E = r.experts, k = r.slots;
     detail::check_span(p.counts, "plan.counts", E);
     detail::check_span(p.offsets, "plan.offsets", E + 1);
@@ -867,7 +909,7 @@ class CudaEngine {
     BalanceStats s;
     s.tokens = g_tokens_;
     s.experts = E;
-    s.top_k = top_k_;
+    s.top_k = expert_choice ? 0 : top_k_;
     s.counts = g_counts_;
     s.prob_sums = g_probs_;
     s.lse_sq_sum = g_lse_sq_;
@@ -914,6 +956,7 @@ class CudaEngine {
   cuda_detail::DeviceArray<int> part_count_, plan_part_;
   cuda_detail::DeviceArray<unsigned long long> bad_;
   cuda_detail::DeviceArray<float> bias_, dprob_, dprob_seq_;
+  cuda_detail::DeviceArray<float> scores_t_, keys_t_, ds_t_;  // expert choice: [E, T]
   cuda_detail::PinnedArray<float> staging_;
   cuda_detail::PinnedArray<std::int64_t> pinned_i64_;
   cuda_detail::PinnedArray<double> pinned_f64_;

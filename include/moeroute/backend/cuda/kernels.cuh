@@ -284,6 +284,8 @@ struct ForwardParams {
   bool nan_as_neg_inf = false;
   std::int32_t* ids = nullptr;        ///< [T, k]
   float* gates = nullptr;             ///< [T, k]
+  float* scores_t = nullptr;          ///< expert choice: the scores, [E, T]
+  float* keys_t = nullptr;            ///< expert choice: scores + bias, [E, T] (null without a bias)
   double* part_prob = nullptr;        ///< [blocks, E] per-block Σ p
   int* part_count = nullptr;          ///< [blocks, E] per-block counts
   double* part_lse = nullptr;         ///< [blocks] per-block Σ lse²
@@ -323,6 +325,7 @@ __global__ void __launch_bounds__(256) route_forward_kernel(ForwardParams<L> P) 
   }
   double lacc = 0.0;
   constexpr bool grouped = group_selection<Se>::value;
+  constexpr bool expert = Se::choice == ChoiceKind::expert;
   [[maybe_unused]] int group[VPT];  // GroupTopK: the group of each element
   [[maybe_unused]] int per_group = 1;
   if constexpr (grouped) {
@@ -361,82 +364,94 @@ __global__ void __launch_bounds__(256) route_forward_kernel(ForwardParams<L> P) 
     float s[VPT], p[VPT];
     const float lse = warp_score_row<Sc>(z, s, p, lane, E, P.part_lse != nullptr);
 
-    // top-k of key = s + b: k rounds of a warp arg-max under (key desc, index asc)
-    float key[VPT];
-    bool taken[VPT];
+    if constexpr (expert) {
+      // expert choice: scores and keys go to [E, T] for the per-expert selection (the warps
+      // of a block take consecutive tokens, so their stores fill whole memory sectors)
 #pragma unroll(VPT <= 16 ? VPT : 1)
-    for (int r = 0; r < VPT; ++r) {
-      key[r] = P.bias ? __fadd_rn(s[r], bias[r]) : s[r];
-      taken[r] = 32 * r + lane >= E;
-    }
-    if constexpr (grouped) warp_keep_top_groups<Se>(key, group, per_group, taken);
-    for (int j = 0; j < k; ++j) {
-      float bk = -INFINITY;
-      int bi = no_index;
+      for (int r = 0; r < VPT; ++r) {
+        const int e = 32 * r + lane;
+        if (e >= E) continue;
+        P.scores_t[index_t(e) * P.T + t] = s[r];
+        if (P.keys_t) P.keys_t[index_t(e) * P.T + t] = __fadd_rn(s[r], bias[r]);
+      }
+    } else {
+      // top-k of key = s + b: k rounds of a warp arg-max under (key desc, index asc)
+      float key[VPT];
+      bool taken[VPT];
 #pragma unroll(VPT <= 16 ? VPT : 1)
-      for (int r = 0; r < VPT; ++r)
-        if (!taken[r] && (bi == no_index || key[r] > bk)) {
-          bk = key[r];
-          bi = 32 * r + lane;
-        }
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) {
-        const float ok = __shfl_xor_sync(full_mask, bk, o);
-        const int oi = __shfl_xor_sync(full_mask, bi, o);
-        if (oi != no_index && (bi == no_index || ok > bk || (ok == bk && oi < bi))) {
-          bk = ok;
-          bi = oi;
-        }
+      for (int r = 0; r < VPT; ++r) {
+        key[r] = P.bias ? __fadd_rn(s[r], bias[r]) : s[r];
+        taken[r] = 32 * r + lane >= E;
       }
-      if ((bi & 31) == lane) {
-        if constexpr (VPT > 16) {
-          taken[bi >> 5] = true;
-          ++cnt[bi >> 5];
-        } else {
-#pragma unroll
-          for (int r = 0; r < VPT; ++r)
-            if (r == (bi >> 5)) {
-              taken[r] = true;
-              ++cnt[r];
-            }
-        }
-      }
-      const float sv = warp_get(s, bi);
-      if (lane == 0) {
-        s_ids[w][j] = bi;
-        s_sel[w][j] = sv;
-      }
-    }
-    __syncwarp();
-
-    // gates, as reference_gates_row (every lane forms the token's scalars redundantly)
-    float g_mul = 1.0f, g_div = 1.0f, g_max = 0.0f;
-    if constexpr (Sc::form == ScoreForm::softmax_selected) {
-      float m = -INFINITY;
+      if constexpr (grouped) warp_keep_top_groups<Se>(key, group, per_group, taken);
       for (int j = 0; j < k; ++j) {
-        const float x = s_sel[w][j];
-        m = (m < x) ? x : m;
+        float bk = -INFINITY;
+        int bi = no_index;
+#pragma unroll(VPT <= 16 ? VPT : 1)
+        for (int r = 0; r < VPT; ++r)
+          if (!taken[r] && (bi == no_index || key[r] > bk)) {
+            bk = key[r];
+            bi = 32 * r + lane;
+          }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+          const float ok = __shfl_xor_sync(full_mask, bk, o);
+          const int oi = __shfl_xor_sync(full_mask, bi, o);
+          if (oi != no_index && (bi == no_index || ok > bk || (ok == bk && oi < bi))) {
+            bk = ok;
+            bi = oi;
+          }
+        }
+        if ((bi & 31) == lane) {
+          if constexpr (VPT > 16) {
+            taken[bi >> 5] = true;
+            ++cnt[bi >> 5];
+          } else {
+#pragma unroll
+            for (int r = 0; r < VPT; ++r)
+              if (r == (bi >> 5)) {
+                taken[r] = true;
+                ++cnt[r];
+              }
+          }
+        }
+        const float sv = warp_get(s, bi);
+        if (lane == 0) {
+          s_ids[w][j] = bi;
+          s_sel[w][j] = sv;
+        }
       }
-      double sum = 0.0;
-      for (int j = 0; j < k; ++j) sum = __dadd_rn(sum, double(detail::exp_f32(__fsub_rn(s_sel[w][j], m))));
-      g_max = m;
-      g_mul = __fdiv_rn(1.0f, float(sum));
-    } else if (P.renormalize) {
-      float sum = 0.0f;
-      for (int j = 0; j < k; ++j) sum = __fadd_rn(sum, s_sel[w][j]);
-      g_div = __fadd_rn(sum, normalize_epsilon);
+      __syncwarp();
+
+      // gates, as reference_gates_row (every lane forms the token's scalars redundantly)
+      float g_mul = 1.0f, g_div = 1.0f, g_max = 0.0f;
+      if constexpr (Sc::form == ScoreForm::softmax_selected) {
+        float m = -INFINITY;
+        for (int j = 0; j < k; ++j) {
+          const float x = s_sel[w][j];
+          m = (m < x) ? x : m;
+        }
+        double sum = 0.0;
+        for (int j = 0; j < k; ++j) sum = __dadd_rn(sum, double(detail::exp_f32(__fsub_rn(s_sel[w][j], m))));
+        g_max = m;
+        g_mul = __fdiv_rn(1.0f, float(sum));
+      } else if (P.renormalize) {
+        float sum = 0.0f;
+        for (int j = 0; j < k; ++j) sum = __fadd_rn(sum, s_sel[w][j]);
+        g_div = __fadd_rn(sum, normalize_epsilon);
+      }
+      for (int j = lane; j < k; j += 32) {
+        float g = s_sel[w][j];
+        if constexpr (Sc::form == ScoreForm::softmax_selected)
+          g = __fmul_rn(detail::exp_f32(__fsub_rn(g, g_max)), g_mul);
+        else if (P.renormalize)
+          g = __fdiv_rn(g, g_div);
+        if (P.scaling != 1.0f) g = __fmul_rn(g, P.scaling);
+        P.ids[t * k + j] = s_ids[w][j];
+        P.gates[t * k + j] = g;
+      }
+      __syncwarp();
     }
-    for (int j = lane; j < k; j += 32) {
-      float g = s_sel[w][j];
-      if constexpr (Sc::form == ScoreForm::softmax_selected)
-        g = __fmul_rn(detail::exp_f32(__fsub_rn(g, g_max)), g_mul);
-      else if (P.renormalize)
-        g = __fdiv_rn(g, g_div);
-      if (P.scaling != 1.0f) g = __fmul_rn(g, P.scaling);
-      P.ids[t * k + j] = s_ids[w][j];
-      P.gates[t * k + j] = g;
-    }
-    __syncwarp();
 
     // statistics of this warp's tokens (fixed token order)
 #pragma unroll(VPT <= 16 ? VPT : 1)
@@ -581,6 +596,7 @@ struct BackwardParams {
   index_t sequence_length = 0;
   float dlse_sq = 0.0f;
   const float* dlse_sq_device = nullptr;  ///< the z-loss coefficient in device memory (replaces dlse_sq)
+  const float* ds_t = nullptr;            ///< expert choice: ∂L/∂s [E, T] (replaces ids and dg)
   float* dz = nullptr;                    ///< ∂L/∂logits [T, E] with row stride dz_stride (written)
   index_t dz_stride = 0;
 };
@@ -623,6 +639,11 @@ __global__ void __launch_bounds__(256) route_backward_kernel(BackwardParams<L> P
   for (int r = 0; r < VPT; ++r) {
     ds[r] = 0.0f;
     dz[r] = 0.0f;
+  }
+  if (P.ds_t) {
+#pragma unroll(VPT <= 16 ? VPT : 1)
+    for (int r = 0; r < VPT; ++r)
+      if (32 * r + lane < E) ds[r] = P.ds_t[index_t(32 * r + lane) * P.T + t];
   }
   const float gamma = P.scaling;
   if constexpr (Sc::form == ScoreForm::softmax_selected) {
@@ -823,6 +844,107 @@ __global__ void __launch_bounds__(32)
       position[a] = pos;
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------
+// Expert choice (selection/expert_choice.hpp): every expert takes the min(C, T) tokens with
+// the largest keys, ties to the lower token, listed in ascending token order. One block per
+// expert over its contiguous [E, T] row: a radix select on order-preserving 32-bit codes of
+// the keys finds the code K of the take-th largest key and how many of the tokens with code
+// K are taken (the lowest-indexed ones); block scans in token order then write the list.
+// Only integer histograms and scans: nothing depends on the order of atomics.
+// ---------------------------------------------------------------------------------------
+
+/// A code whose unsigned order is the float order of the keys (−0 and +0 tie, as they
+/// compare equal). Keys are never NaN.
+__device__ inline unsigned key_code(float k) {
+  const unsigned u = k == 0.0f ? 0u : detail::float_bits(k);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+/// Block e: expert e's token list ids[e, 0..C) (−1 beyond T) and its gates γ·s, counts[e]
+/// (and global_counts[e] when not null) = min(C, T), and + 1 in seq_counts[t / seq_len, e]
+/// per taken token when seq_counts is not null (integers: order-free). blockDim.x = plan_threads.
+__global__ void __launch_bounds__(plan_threads)
+    expert_choice_select_kernel(const float* keys_t, const float* scores_t, int T, int E, int C, float scaling,
+                                std::int32_t* ids, float* gates, std::int64_t* counts, std::int64_t* global_counts,
+                                index_t seq_len, std::int64_t* seq_counts) {
+  __shared__ int hist[256];
+  __shared__ unsigned s_code;
+  __shared__ int s_need;
+  const int e = blockIdx.x;
+  const float* key = keys_t + index_t(e) * T;
+  const int take = T < C ? T : C;
+  // code K of the take-th largest key, and need = how many tokens with code K are taken
+  unsigned code = 0u, mask = 0u;
+  int need = take;
+  if (take < T) {
+    for (int shift = 24; shift >= 0; shift -= 8) {
+      for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+      __syncthreads();
+      for (int t = threadIdx.x; t < T; t += blockDim.x) {
+        const unsigned c = key_code(key[t]);
+        if ((c & mask) == code) atomicAdd(hist + ((c >> shift) & 255u), 1);
+      }
+      __syncthreads();
+      if (threadIdx.x == 0) {  // the digit where the count from the top reaches `need`
+        int above = 0, d = 255;
+        while (above + hist[d] < need) above += hist[d--];
+        s_code = code | (unsigned(d) << shift);
+        s_need = need - above;
+      }
+      __syncthreads();
+      code = s_code;
+      need = s_need;
+      mask |= 255u << shift;
+    }
+  }
+  // the list, in token order: codes above K, and the first `need` tokens with code K
+  int written = 0, ties_before = 0;
+  for (int t0 = 0; t0 < T; t0 += blockDim.x) {
+    const int t = t0 + int(threadIdx.x);
+    bool chosen = false, tie = false;
+    if (t < T) {
+      if (take == T) {
+        chosen = true;
+      } else {
+        const unsigned c = key_code(key[t]);
+        chosen = c > code;
+        tie = c == code;
+      }
+    }
+    int ties = 0;
+    const int tie_rank = ties_before + block_exclusive_scan(tie ? 1 : 0, ties);
+    chosen = chosen || (tie && tie_rank < need);
+    int n = 0;
+    const int pos = written + block_exclusive_scan(chosen ? 1 : 0, n);
+    if (chosen) {
+      ids[index_t(e) * C + pos] = t;
+      gates[index_t(e) * C + pos] = __fmul_rn(scores_t[index_t(e) * T + t], scaling);
+      if (seq_counts) atomicAdd(reinterpret_cast<unsigned long long*>(seq_counts + (t / seq_len) * E + e), 1ull);
+    }
+    written += n;
+    ties_before += ties;
+  }
+  for (int j = take + int(threadIdx.x); j < C; j += blockDim.x) {
+    ids[index_t(e) * C + j] = -1;
+    gates[index_t(e) * C + j] = 0.0f;
+  }
+  if (threadIdx.x == 0) {
+    counts[e] = take;
+    if (global_counts) global_counts[e] = take;
+  }
+}
+
+/// Expert choice's gate backward: ∂L/∂s [E, T] (zeroed before) gets 0 + γ·∂L/∂g at every
+/// taken (expert, token), as the reference scatters it; each pair occurs once.
+__global__ void expert_choice_scatter_kernel(const std::int32_t* ids, const float* dg, index_t dg_stride, int T, int E,
+                                             int C, float scaling, float* ds_t) {
+  const index_t i = index_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= index_t(E) * C) return;
+  const index_t e = i / C, j = i % C;
+  const int t = ids[i];
+  if (t >= 0) ds_t[e * T + t] = __fadd_rn(0.0f, __fmul_rn(scaling, dg[e * dg_stride + j]));
 }
 
 // ---------------------------------------------------------------------------------------
