@@ -186,13 +186,21 @@ std::vector<float> make_input(Input kind, index_t T, index_t E, unsigned seed) {
   return z;
 }
 
-/// Routes `x` with the reference router (into `rv`) and the GPU router (into `dr`/`gv`) and
-/// checks ids and counts bit for bit, gates, probability sums and the aux loss within 1e-6,
-/// then the backward of random ∂L/∂gates within 1e-6 (floored at 1e-3 of a row's largest).
-template <class Ref, class Gpu, class L>
-void route_and_backward_agree(Ref& ref, Gpu& gpu, const std::vector<L>& x, RoutingView& rv, DevRouting& dr,
-                              RoutingView& gv, unsigned seed) {
-  const index_t T = rv.tokens, E = rv.experts, rows = rv.rows(), k = rv.slots;
+/// Routes the same logits with ReferenceBackend and CudaBackend (through Router, config
+/// `cfg`): ids and counts bit for bit, gates, probability sums and the aux loss within 1e-6,
+/// then the backward of random ∂L/∂gates within 1e-6 (floored at 1e-3 of a row's largest),
+/// and for token choice the dispatch plan.
+template <class Se, class Sc, class L, class Bal>
+void compare_config(const RouterConfig& cfg, index_t T, Input kind, unsigned seed, const typename Bal::Config& bal) {
+  Router<Se, Bal, ReferenceBackend, Sc> ref(cfg, bal);
+  Router<Se, Bal, CudaBackend, Sc> gpu(cfg, bal);
+  const index_t E = cfg.num_experts;
+  const std::vector<L> x = to_logits<L>(make_input(kind, T, E, seed));
+  RoutingBuffers rb;
+  RoutingView rv = ref.make_output(rb, T);
+  DevRouting dr(T, E, ref.slots(T), Se::choice);
+  RoutingView gv = dr.view();
+  const index_t rows = rv.rows(), k = rv.slots;
   ref.route(MatrixView<const L>(x.data(), T, E), rv);
   Dev<L> dx(x);
   gpu.route(MatrixView<const L>(dx.p, T, E), gv);
@@ -236,10 +244,26 @@ void route_and_backward_agree(Ref& ref, Gpu& gpu, const std::vector<L>& x, Routi
           !close(dz[std::size_t(t * E + e)], dz_ref[std::size_t(t * E + e)], 1e-6f, std::max(1e-3f * rowmax, 1e-30f));
   }
   CHECK(bad == 0);
+
+  if constexpr (Se::choice == ChoiceKind::token) {
+    // dispatch plan: a naive stable counting sort of the reference ids
+    Dev<std::int32_t> pc{std::size_t(E)}, po{std::size_t(E + 1)}, order{std::size_t(T * k)}, pos{std::size_t(T * k)};
+    gpu.engine().plan(gv, CudaPlanView{pc.span(), po.span(), order.span(), pos.span()});
+    std::vector<std::int32_t> off(std::size_t(E + 1), 0), want(std::size_t(T * k));
+    for (std::int32_t id : rv.ids) ++off[std::size_t(id) + 1];
+    for (index_t e = 0; e < E; ++e) off[std::size_t(e + 1)] += off[std::size_t(e)];
+    std::vector<std::int32_t> cur(off.begin(), off.end() - 1);
+    for (index_t a = 0; a < T * k; ++a) want[std::size_t(cur[std::size_t(rv.ids[std::size_t(a)])]++)] = std::int32_t(a);
+    const auto got_off = po.download(), got_order = order.download(), got_pos = pos.download();
+    CHECK(got_off == off);
+    CHECK(got_order == want);
+    bad = 0;
+    for (index_t i = 0; i < T * k; ++i) bad += got_pos[std::size_t(want[std::size_t(i)])] != i;
+    CHECK(bad == 0);
+  }
 }
 
-/// Routes the same logits with ReferenceBackend and CudaBackend (through Router) and
-/// compares forward, backward and the dispatch plan.
+/// compare_config for token choice: top-k with the given renormalisation and scaling.
 template <class Sc, class L, class Bal = NoBalancing, class Se = TopKRuntime>
 void compare(index_t T, index_t E, index_t k, Input kind, bool renorm, float scaling, unsigned seed,
              const typename Bal::Config& bal = {}) {
@@ -256,33 +280,10 @@ void compare(index_t T, index_t E, index_t k, Input kind, bool renorm, float sca
   cfg.top_k = k;
   cfg.renormalize = renorm;
   cfg.scaling = scaling;
-  Router<Se, Bal, ReferenceBackend, Sc> ref(cfg, bal);
-  Router<Se, Bal, CudaBackend, Sc> gpu(cfg, bal);
-  const std::vector<L> x = to_logits<L>(make_input(kind, T, E, seed));
-  RoutingBuffers rb;
-  RoutingView rv = ref.make_output(rb, T);
-  DevRouting dr(T, E, k);
-  RoutingView gv = dr.view();
-  route_and_backward_agree(ref, gpu, x, rv, dr, gv, seed);
-
-  // dispatch plan: a naive stable counting sort of the reference ids
-  Dev<std::int32_t> pc{std::size_t(E)}, po{std::size_t(E + 1)}, order{std::size_t(T * k)}, pos{std::size_t(T * k)};
-  gpu.engine().plan(gv, CudaPlanView{pc.span(), po.span(), order.span(), pos.span()});
-  std::vector<std::int32_t> off(std::size_t(E + 1), 0), want(std::size_t(T * k));
-  for (std::int32_t id : rv.ids) ++off[std::size_t(id) + 1];
-  for (index_t e = 0; e < E; ++e) off[std::size_t(e + 1)] += off[std::size_t(e)];
-  std::vector<std::int32_t> cur(off.begin(), off.end() - 1);
-  for (index_t a = 0; a < T * k; ++a) want[std::size_t(cur[std::size_t(rv.ids[std::size_t(a)])]++)] = std::int32_t(a);
-  const auto got_off = po.download(), got_order = order.download(), got_pos = pos.download();
-  CHECK(got_off == off);
-  CHECK(got_order == want);
-  int bad = 0;
-  for (index_t i = 0; i < T * k; ++i) bad += got_pos[std::size_t(want[std::size_t(i)])] != i;
-  CHECK(bad == 0);
+  compare_config<Se, Sc, L, Bal>(cfg, T, kind, seed, bal);
 }
 
-/// ExpertChoice with ReferenceBackend and CudaBackend: the same token lists [E, C] (with −1
-/// beyond T), counts, gates, statistics and gradients.
+/// compare_config for ExpertChoice: the token lists [E, C] (with −1 beyond T) and all else.
 template <class Sc, class L, class Bal = NoBalancing>
 void compare_expert_choice(index_t T, index_t E, float capacity_factor, Input kind, float scaling, unsigned seed,
                            const typename Bal::Config& bal = {}) {
@@ -290,20 +291,12 @@ void compare_expert_choice(index_t T, index_t E, float capacity_factor, Input ki
   CAPTURE(T);
   CAPTURE(E);
   CAPTURE(capacity_factor);
-  CAPTURE(int(kind));
   CAPTURE(Sc::name);
   RouterConfig cfg;
   cfg.num_experts = E;
   cfg.capacity_factor = capacity_factor;
   cfg.scaling = scaling;
-  Router<ExpertChoice, Bal, ReferenceBackend, Sc> ref(cfg, bal);
-  Router<ExpertChoice, Bal, CudaBackend, Sc> gpu(cfg, bal);
-  const std::vector<L> x = to_logits<L>(make_input(kind, T, E, seed));
-  RoutingBuffers rb;
-  RoutingView rv = ref.make_output(rb, T);
-  DevRouting dr(T, E, ref.slots(T), ChoiceKind::expert);
-  RoutingView gv = dr.view();
-  route_and_backward_agree(ref, gpu, x, rv, dr, gv, seed);
+  compare_config<ExpertChoice, Sc, L, Bal>(cfg, T, kind, seed, bal);
 }
 
 }  // namespace
@@ -709,21 +702,26 @@ TEST_CASE("cuda: device-side balancing with a device communicator follows the CP
   MOEROUTE_CUDA_CHECK(cudaStreamDestroy(s));
 }
 
-TEST_CASE("cuda: a step with PhiBalancing + z-loss captured in a CUDA graph follows the CPU") {
-  if (!cuda_ready()) return;
-  const index_t T = tokens(4096, 64), E = 128, k = 8;
-  RouterConfig cfg;
-  cfg.num_experts = E;
-  cfg.top_k = k;
-  using Bal = Balancers<PhiBalancing<Entropy>, ZLoss>;
-  Router<TopK<8>, Bal, CudaBackend> gpu(cfg);
-  Router<TopK<8>, Bal, ReferenceBackend> ref(cfg);
+namespace {
+
+using PhiZLoss = Balancers<PhiBalancing<Entropy>, ZLoss>;
+
+/// A training step (route, backward, step) of a router on the GPU, captured in a CUDA graph
+/// and replayed on new logits; after each replay the reference router takes the same step
+/// eagerly: ids, counts and gradients must agree, and with PhiZLoss the aux loss and φ's
+/// load estimate.
+template <class Se, class Bal>
+void replay_captured_step(const RouterConfig& cfg, index_t T) {
+  Router<Se, Bal, CudaBackend> gpu(cfg);
+  Router<Se, Bal, ReferenceBackend> ref(cfg);
+  const index_t E = cfg.num_experts;
   cudaStream_t s;
   MOEROUTE_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
   gpu.engine().set_stream(s);
-  Dev<float> dx(std::size_t(T * E)), ddg(std::size_t(T * k)), ddz(std::size_t(T * E));
-  DevRouting dr(T, E, k);
+  DevRouting dr(T, E, ref.slots(T), Se::choice);
   RoutingView gv = dr.view();
+  const index_t rows = gv.rows(), slots = gv.slots;
+  Dev<float> dx(std::size_t(T * E)), ddg(std::size_t(rows * slots)), ddz(std::size_t(T * E));
   const MatrixView<const float> xv(dx.p, T, E);
   // one eager route in evaluation mode: allocates the workspace and uploads the state
   // without changing it
@@ -737,8 +735,8 @@ TEST_CASE("cuda: a step with PhiBalancing + z-loss captured in a CUDA graph foll
   for (unsigned rep = 0; rep < 3; ++rep) {
     CAPTURE(rep);
     auto z = make_input(Input::random, T, E, 80 + rep);
-    for (index_t t = 0; t < T; ++t) z[std::size_t(t * E + (t % 3))] += 2.0f;
-    std::vector<float> dg(std::size_t(T * k));
+    for (index_t t = 0; t < T; ++t) z[std::size_t(t * E + (t % 3))] += 2.0f;  // skewed: φ's estimate moves
+    std::vector<float> dg(std::size_t(rows * slots));
     for (std::size_t i = 0; i < dg.size(); ++i) dg[i] = float(int(i % 7) - 3) * 0.5f;
     dx.upload(z);
     ddg.upload(dg);
@@ -748,26 +746,48 @@ TEST_CASE("cuda: a step with PhiBalancing + z-loss captured in a CUDA graph foll
     RoutingView rv = ref.make_output(rb, T);
     ref.route(MatrixView<const float>(z.data(), T, E), rv);
     std::vector<float> dz_ref(std::size_t(T * E));
-    ref.backward(MatrixView<const float>(z.data(), T, E), rv, MatrixView<const float>(dg.data(), T, k),
+    ref.backward(MatrixView<const float>(z.data(), T, E), rv, MatrixView<const float>(dg.data(), rows, slots),
                  MatrixView<float>(dz_ref.data(), T, E));
     ref.step();
     CHECK(dr.ids.download() == std::vector<std::int32_t>(rv.ids.begin(), rv.ids.end()));
-    auto& router = gpu;
-    cudaStream_t stream = s;
-    // ---- as printed in README.md (CUDA backend, device-side balancing) ----
-    float aux = 0.0f;
-    cudaMemcpyAsync(&aux, router.engine().aux_loss_device(), sizeof aux, cudaMemcpyDeviceToHost, stream);
-    cudaStreamSynchronize(stream);
-    // ----
-    CHECK(close(aux, rv.aux_loss, 1e-6f, 1e-12f));
+    CHECK(dr.counts.download() == std::vector<std::int64_t>(rv.counts.begin(), rv.counts.end()));
     CHECK(gradients_agree(ddz.download(), dz_ref));
-    Bal live = gpu.balancer();
-    gpu.engine().download_state(live);
-    CHECK(std::equal(live.get<0>().load_estimate().begin(), live.get<0>().load_estimate().end(),
-                     ref.balancer().get<0>().load_estimate().begin()));
+    if constexpr (std::is_same_v<Bal, PhiZLoss>) {
+      auto& router = gpu;
+      cudaStream_t stream = s;
+      // ---- as printed in README.md (CUDA backend, device-side balancing) ----
+      float aux = 0.0f;
+      cudaMemcpyAsync(&aux, router.engine().aux_loss_device(), sizeof aux, cudaMemcpyDeviceToHost, stream);
+      cudaStreamSynchronize(stream);
+      // ----
+      CHECK(close(aux, rv.aux_loss, 1e-6f, 1e-12f));
+      Bal live = gpu.balancer();
+      gpu.engine().download_state(live);
+      const auto& phi = live.template get<0>();
+      CHECK(std::equal(phi.load_estimate().begin(), phi.load_estimate().end(),
+                       ref.balancer().template get<0>().load_estimate().begin()));
+    }
   }
   MOEROUTE_CUDA_CHECK(cudaGraphExecDestroy(exec));
   MOEROUTE_CUDA_CHECK(cudaStreamDestroy(s));
+}
+
+}  // namespace
+
+TEST_CASE("cuda: a step with PhiBalancing + z-loss captured in a CUDA graph follows the CPU") {
+  if (!cuda_ready()) return;
+  RouterConfig cfg;
+  cfg.num_experts = 128;
+  cfg.top_k = 8;
+  replay_captured_step<TopK<8>, PhiZLoss>(cfg, tokens(4096, 64));
+}
+
+TEST_CASE("cuda: an ExpertChoice step with PhiBalancing + z-loss captured in a CUDA graph follows the CPU") {
+  if (!cuda_ready()) return;
+  RouterConfig cfg;
+  cfg.num_experts = 16;
+  cfg.capacity_factor = 2.0f;
+  replay_captured_step<ExpertChoice, PhiZLoss>(cfg, tokens(4096, 48));
 }
 
 TEST_CASE("cuda: non-finite logits are reported like on the CPU; NaN as -inf routes like the CPU") {
@@ -815,94 +835,11 @@ TEST_CASE("cuda: non-finite logits are reported like on the CPU; NaN as -inf rou
 
 TEST_CASE("cuda: route + backward captured in a CUDA graph, replayed on new logits") {
   if (!cuda_ready()) return;
-  const index_t T = tokens(4096, 64), E = 256, k = 8;
   RouterConfig cfg;
-  cfg.num_experts = E;
-  cfg.top_k = k;
+  cfg.num_experts = 256;
+  cfg.top_k = 8;
   cfg.renormalize = true;
-  Router<TopK<8>, NoBalancing, CudaBackend> gpu(cfg);
-  Router<TopK<8>, NoBalancing, ReferenceBackend> ref(cfg);
-  cudaStream_t s;
-  MOEROUTE_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-  gpu.engine().set_stream(s);
-  gpu.engine().reserve(T, E);
-  Dev<float> dx(std::size_t(T * E)), ddg(std::size_t(T * k)), ddz(std::size_t(T * E));
-  DevRouting dr(T, E, k);
-  RoutingView gv = dr.view();
-  const MatrixView<const float> xv(dx.p, T, E);
-
-  cudaGraphExec_t exec = capture_training_step(gpu, xv, gv, ddg, ddz, s);
-
-  for (unsigned rep = 0; rep < 2; ++rep) {
-    const auto z = make_input(Input::random, T, E, 70 + rep);
-    std::vector<float> dg(std::size_t(T * k));
-    for (std::size_t i = 0; i < dg.size(); ++i) dg[i] = float(int(i % 7) - 3) * 0.5f;
-    dx.upload(z);
-    ddg.upload(dg);
-    MOEROUTE_CUDA_CHECK(cudaGraphLaunch(exec, s));
-    MOEROUTE_CUDA_CHECK(cudaStreamSynchronize(s));
-    RoutingBuffers rb;
-    RoutingView rv = ref.make_output(rb, T);
-    ref.route(MatrixView<const float>(z.data(), T, E), rv);
-    std::vector<float> dz_ref(std::size_t(T * E));
-    ref.backward(MatrixView<const float>(z.data(), T, E), rv, MatrixView<const float>(dg.data(), T, k),
-                 MatrixView<float>(dz_ref.data(), T, E));
-    CHECK(dr.ids.download() == std::vector<std::int32_t>(rv.ids.begin(), rv.ids.end()));
-    CHECK(dr.counts.download() == std::vector<std::int64_t>(rv.counts.begin(), rv.counts.end()));
-    CHECK(gradients_agree(ddz.download(), dz_ref));
-  }
-  MOEROUTE_CUDA_CHECK(cudaGraphExecDestroy(exec));
-  MOEROUTE_CUDA_CHECK(cudaStreamDestroy(s));
-}
-
-TEST_CASE("cuda: an ExpertChoice step with PhiBalancing + z-loss captured in a CUDA graph follows the CPU") {
-  if (!cuda_ready()) return;
-  const index_t T = tokens(4096, 48), E = 16;
-  RouterConfig cfg;
-  cfg.num_experts = E;
-  cfg.capacity_factor = 2.0f;
-  using Bal = Balancers<PhiBalancing<Entropy>, ZLoss>;
-  Router<ExpertChoice, Bal, CudaBackend> gpu(cfg);
-  Router<ExpertChoice, Bal, ReferenceBackend> ref(cfg);
-  const index_t C = ref.slots(T);
-  cudaStream_t s;
-  MOEROUTE_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-  gpu.engine().set_stream(s);
-  Dev<float> dx(std::size_t(T * E)), ddg(std::size_t(E * C)), ddz(std::size_t(T * E));
-  DevRouting dr(T, E, C, ChoiceKind::expert);
-  RoutingView gv = dr.view();
-  const MatrixView<const float> xv(dx.p, T, E);
-  gpu.set_training(false);  // allocates the workspace and uploads the state, changing nothing
-  gpu.route(xv, gv);
-  gpu.set_training(true);
-  const cudaGraphExec_t exec = capture_training_step(gpu, xv, gv, ddg, ddz, s);
-  for (unsigned rep = 0; rep < 3; ++rep) {
-    CAPTURE(rep);
-    auto z = make_input(Input::random, T, E, 81 + rep);
-    for (index_t t = 0; t < T; ++t) z[std::size_t(t * E + (t % 3))] += 2.0f;  // skewed: φ's estimate moves
-    std::vector<float> dg(std::size_t(E * C));
-    for (std::size_t i = 0; i < dg.size(); ++i) dg[i] = float(int(i % 5) - 2) * 0.5f;
-    dx.upload(z);
-    ddg.upload(dg);
-    MOEROUTE_CUDA_CHECK(cudaGraphLaunch(exec, s));
-    MOEROUTE_CUDA_CHECK(cudaStreamSynchronize(s));
-    RoutingBuffers rb;
-    RoutingView rv = ref.make_output(rb, T);
-    ref.route(MatrixView<const float>(z.data(), T, E), rv);
-    std::vector<float> dz_ref(std::size_t(T * E));
-    ref.backward(MatrixView<const float>(z.data(), T, E), rv, MatrixView<const float>(dg.data(), E, C),
-                 MatrixView<float>(dz_ref.data(), T, E));
-    ref.step();
-    CHECK(dr.ids.download() == std::vector<std::int32_t>(rv.ids.begin(), rv.ids.end()));
-    CHECK(close(device_aux_loss(gpu.engine().aux_loss_device()), rv.aux_loss, 1e-6f, 1e-12f));
-    CHECK(gradients_agree(ddz.download(), dz_ref));
-    Bal live = gpu.balancer();
-    gpu.engine().download_state(live);
-    CHECK(std::equal(live.get<0>().load_estimate().begin(), live.get<0>().load_estimate().end(),
-                     ref.balancer().get<0>().load_estimate().begin()));
-  }
-  MOEROUTE_CUDA_CHECK(cudaGraphExecDestroy(exec));
-  MOEROUTE_CUDA_CHECK(cudaStreamDestroy(s));
+  replay_captured_step<TopK<8>, NoBalancing>(cfg, tokens(4096, 64));
 }
 
 TEST_CASE("cuda: a CUDA error is reported with its call site") {
