@@ -193,6 +193,35 @@ TEST_CASE("cpu backend: threshold top-k equals a stable sort") {
   }
 }
 
+TEST_CASE("cpu backend: expert choice's integer selection equals ExpertChoice::select_batch") {
+  std::mt19937 rng(8);
+  std::uniform_int_distribution<int> small(-3, 3);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (index_t T : {1, 2, 7, 100, 1000}) {
+    for (index_t C : {1, 3, 50, 100, 2000}) {
+      for (bool ties : {false, true}) {
+        CAPTURE(T);
+        CAPTURE(C);
+        CAPTURE(ties);
+        // ties: few values, negative ones, and -0 next to +0 (equal keys: lower token first)
+        std::vector<float> key(static_cast<std::size_t>(T));
+        for (auto& v : key) {
+          const int q = small(rng);
+          v = ties ? (q == 0 ? (nd(rng) < 0.0f ? -0.0f : 0.0f) : 0.5f * float(q)) : nd(rng);
+        }
+        std::vector<std::int32_t> want(static_cast<std::size_t>(C)), got(want.size()), scratch(key.size());
+        mr::ExpertChoice::select_batch(mr::MatrixView<const float>(key.data(), T, 1), C,
+                                       mr::MatrixView<std::int32_t>(want.data(), 1, C),
+                                       std::span<std::int32_t>(scratch));
+        std::vector<std::uint64_t> ranked(key.size());
+        for (index_t t = 0; t < T; ++t) ranked[std::size_t(t)] = mr::detail::cpu::rank_key(key[std::size_t(t)], t);
+        mr::detail::cpu::expert_top_tokens(ranked.data(), T, C, got.data());
+        CHECK(got == want);
+      }
+    }
+  }
+}
+
 TEST_CASE("cpu backend: softmax top-k over E and k, all thread counts") {
   for (index_t E : {1, 7, 64, 257, 1000, 4096}) {
     for (index_t k : {1, 2, 8, 64}) {
@@ -362,22 +391,24 @@ TEST_CASE("cpu backend: a user parallel-for and a shared pool give the same resu
   CHECK(std::equal(r1.prob_sums.begin(), r1.prob_sums.end(), r2.prob_sums.begin()));  // same chunk order
 }
 
-TEST_CASE("cpu backend: other selection policies run the reference code") {
-  const index_t T = 90, E = 16;
-  const std::vector<float> x = make_logits<float>(T, E, E, Kind::ties, 61u);
+TEST_CASE("cpu backend: ExpertChoice (scoring forms, ties, strides, C > T, bias, dprob, sequences, z-loss)") {
   mr::RouterConfig cfg;
-  cfg.num_experts = E;
+  cfg.num_experts = 16;
   cfg.capacity_factor = 1.5f;
-  mr::Router<mr::ExpertChoice, mr::NoBalancing, mr::ReferenceBackend> ref(cfg);
-  mr::Router<mr::ExpertChoice, mr::NoBalancing, mr::CpuBackend> cpu(cfg);
-  cpu.engine().set_threads(2);
-  mr::RoutingBuffers b1, b2;
-  auto r1 = ref.make_output(b1, T);
-  auto r2 = cpu.make_output(b2, T);
-  ref.route(mr::MatrixView<const float>(x.data(), T, E), r1);
-  cpu.route(mr::MatrixView<const float>(x.data(), T, E), r2);
-  CHECK(std::equal(r1.ids.begin(), r1.ids.end(), r2.ids.begin()));
-  CHECK(std::equal(r1.gates.begin(), r1.gates.end(), r2.gates.begin()));
+  compare<mr::ExpertChoice, mr::Softmax, mr::NoBalancing, float>(cfg, 90, 16, Kind::ties, 61u);
+  compare<mr::ExpertChoice, mr::Sigmoid, mr::NoBalancing, float>(cfg, 300, 20, Kind::random, 62u);  // strided rows
+  compare<mr::ExpertChoice, mr::SqrtSoftplus, mr::NoBalancing, mr::bfloat16>(cfg, 300, 16, Kind::mixed, 63u);
+  cfg.capacity_factor = 40.0f;  // C = 150 > T = 60: every token, then slots of -1
+  compare<mr::ExpertChoice, mr::Softmax, mr::NoBalancing, float>(cfg, 60, 16, Kind::huge, 64u);
+  for (index_t E : {7, 64, 257}) {
+    CAPTURE(E);
+    cfg.num_experts = E;
+    cfg.capacity_factor = 2.0f;
+    cfg.sequence_length = 100;  // T = 300: three sequences
+    cfg.scaling = 1.5f;
+    compare<mr::ExpertChoice, mr::Softmax, TestBalancer, float>(cfg, 300, E, Kind::random, 65u);
+    compare<mr::ExpertChoice, mr::Sigmoid, TestBalancer, float>(cfg, 300, E, Kind::ties, 66u);
+  }
 }
 
 TEST_CASE("cpu backend: the documented snippet") {

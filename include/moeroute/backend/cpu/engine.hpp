@@ -21,6 +21,7 @@
 #include "../../detail/math.hpp"
 #include "../../routing.hpp"
 #include "../../scoring.hpp"
+#include "../../selection/expert_choice.hpp"
 #include "../../selection/group_topk.hpp"
 #include "../../selection/topk.hpp"
 #include "../reference/engine.hpp"
@@ -31,13 +32,16 @@ namespace moeroute {
 
 namespace detail::cpu {
 
-/// Which selection policies have a vectorised path (others run the reference engine).
+/// Which selection policies have a vectorised path (others run the reference engine): 1 TopK,
+/// 2 GroupTopK, 3 ExpertChoice.
 template <class Se>
 struct selection_kind : std::integral_constant<int, 0> {};
 template <index_t K>
 struct selection_kind<TopK<K>> : std::integral_constant<int, 1> {};
 template <index_t K, index_t G, index_t TG, GroupScore S>
 struct selection_kind<GroupTopK<K, G, TG, S>> : std::integral_constant<int, 2> {};
+template <>
+struct selection_kind<ExpertChoice> : std::integral_constant<int, 3> {};
 
 /// Tokens per work item. Fixed (not derived from the thread count) so the order of every
 /// reduction, and hence every result, is the same for any number of threads.
@@ -172,10 +176,40 @@ inline void topk_row(const float* key, index_t n, index_t k, std::int32_t* ids,
   topk_insertion(key, n, k, ids);
 }
 
+/// Expert choice keeps the batch's keys in tiles of key_tile experts, [E / key_tile][T][key_tile]
+/// (the last tile padded): the forward writes a token's tiles as whole cache lines, and the
+/// selection reads one tile's column block sequentially.
+inline constexpr index_t key_tile = 16;
+inline index_t key_tiles(index_t E) noexcept { return (E + key_tile - 1) / key_tile; }
+/// Offset of key (t, e) in the tiled layout, for e a multiple of key_tile or any e in a tile.
+inline index_t key_tile_offset(index_t T, index_t t, index_t e) noexcept {
+  return (e / key_tile) * T * key_tile + t * key_tile + e % key_tile;
+}
+
+/// Expert choice's order of (key, token) as one integer: larger key first, equal keys (−0 and
+/// +0 included) lower token first, as ExpertChoice::select_batch compares. Distinct per token.
+inline std::uint64_t rank_key(float key, index_t t) noexcept {
+  const std::uint32_t u = key == 0.0f ? 0u : float_bits(key);
+  const std::uint32_t code = (u & 0x80000000u) ? ~u : (u | 0x80000000u);  // unsigned order = float order
+  return (std::uint64_t(code) << 32) | std::uint64_t(0xffffffffu - std::uint32_t(t));
+}
+
+/// ExpertChoice::select_batch for one expert from its rank keys [T] (reordered): the min(C, T)
+/// best tokens in ascending token order into ids[0, C), then −1. A selection on plain
+/// integers, with no indirection through the key matrix.
+inline void expert_top_tokens(std::uint64_t* ranked, index_t T, index_t C, std::int32_t* ids) {
+  const index_t take = std::min(C, T);
+  if (take < T) std::nth_element(ranked, ranked + take, ranked + T, std::greater<>());
+  for (index_t j = 0; j < take; ++j) ids[j] = std::int32_t(0xffffffffu - std::uint32_t(ranked[j]));
+  std::sort(ids, ids + take);
+  std::fill(ids + take, ids + C, std::int32_t(-1));
+}
+
 /// Per-thread row scratch (each work item uses it from start to end on one thread).
 struct RowScratch {
   std::vector<float> z, s, p, key, ds, dp, gkey, z2, s2;  // z2, s2: the second row of a pair
   std::vector<std::int32_t> gmap;
+  std::vector<std::uint64_t> ranked;  ///< expert choice: rank keys of 16 experts over the tokens (grows once)
 #if MOEROUTE_CPU_SIMD
   vf smax;  ///< lane-wise maximum of s, valid while have_smax (set by score_row)
 #endif
@@ -253,9 +287,10 @@ inline void make_chunks(index_t T, index_t seq_len, std::vector<index_t>& starts
 
 namespace detail {
 
-/// The CPU engine of one scoring and selection policy. TopK (compile-time or runtime k) and
-/// GroupTopK take the vectorised, multithreaded path; other selection policies (ExpertChoice,
-/// user policies) run the reference engine's code.
+/// The CPU engine of one scoring and selection policy. TopK (compile-time or runtime k),
+/// GroupTopK and ExpertChoice take the vectorised, multithreaded path (expert choice: the
+/// scoring pass over the tokens, then the experts' selections in parallel); user selection
+/// policies run the reference engine's code.
 ///
 /// Threads: one by default. `set_threads(n)` gives the engine its own pool of n threads
 /// (the caller's thread is one of them); `set_thread_pool` shares a pool between engines;
@@ -269,6 +304,7 @@ template <ScoringPolicy Sc, SelectionPolicy Se>
 class CpuEngine {
   static constexpr int kind = cpu::selection_kind<Se>::value;
   static constexpr bool fast = kind != 0;
+  static constexpr bool expert = kind == 3;
 
  public:
   /// Uses `threads` threads (>= 1) from now on, in a pool owned by this engine.
@@ -337,7 +373,7 @@ class CpuEngine {
                      [[maybe_unused]] const void* lane_max = nullptr) {
     if constexpr (kind == 1) {
       cpu::topk_row(key, E, k, ids, lane_max);
-    } else {
+    } else if constexpr (kind == 2) {
       constexpr index_t G = Se::groups, TG = Se::top_groups;
       const index_t pg = E / G;
       float gs[G + 2 * cpu::W];
@@ -383,6 +419,10 @@ class CpuEngine {
     bad_.assign(std::size_t(C), 0);
     const float* bias = a.bias.empty() ? nullptr : a.bias.data();
     const float* offset = a.logit_offset.empty() ? nullptr : a.logit_offset.data();
+    if constexpr (expert) {
+      all_s_.resize(std::size_t(T * E));
+      all_key_.resize(std::size_t(T * cpu::key_tiles(E) * cpu::key_tile));
+    }
 
     parallel(C, [&](index_t ci) {
       cpu::RowScratch& r = cpu::row_scratch();
@@ -409,6 +449,12 @@ class CpuEngine {
         } else if (bias) {
           cpu::add(s, bias, E, r.key.data());
           key = r.key.data();
+        }
+        if constexpr (expert) {  // the batch's scores [T, E] and keys (in tiles), for the selection after the pass
+          std::copy(s, s + E, all_s_.data() + t * E);
+          for (index_t e = 0; e < E; e += cpu::key_tile)
+            std::copy(key + e, key + std::min(E, e + cpu::key_tile), all_key_.data() + cpu::key_tile_offset(T, t, e));
+          return;
         }
         std::int32_t* ids = out.ids.data() + t * k;
         select(key, E, k, ids, r, lane_max);
@@ -490,6 +536,31 @@ class CpuEngine {
       for (double v : lse_) s += v;
       *a.lse_sq_sum = s;
     }
+    if constexpr (expert) {  // each expert's top-C tokens, tiles of experts in parallel
+      const index_t cap = k;
+      parallel(cpu::key_tiles(E), [&](index_t b) {
+        const index_t e0 = b * cpu::key_tile, e1 = std::min(E, e0 + cpu::key_tile);
+        cpu::RowScratch& r = cpu::row_scratch();
+        // the rank keys of the tile's experts, one array each, from one sequential read of the
+        // tile (the padding keeps the arrays out of the same cache sets)
+        const index_t pitch = T + 24, n = e1 - e0;
+        if (index_t(r.ranked.size()) < n * pitch) r.ranked.resize(std::size_t(cpu::key_tile * pitch));
+        const float* tile = all_key_.data() + cpu::key_tile_offset(T, 0, e0);
+        for (index_t t = 0; t < T; ++t)
+          for (index_t i = 0; i < n; ++i)
+            r.ranked[std::size_t(i * pitch + t)] = cpu::rank_key(tile[t * cpu::key_tile + i], t);
+        for (index_t e = e0; e < e1; ++e) {
+          cpu::expert_top_tokens(r.ranked.data() + (e - e0) * pitch, T, cap, out.ids.data() + e * cap);
+          for (index_t j = 0; j < cap; ++j) {  // gates, counts and per-sequence counts, as the reference
+            const std::int32_t t = out.ids[std::size_t(e * cap + j)];
+            out.gates[std::size_t(e * cap + j)] = t < 0 ? 0.0f : all_s_[std::size_t(t * E + e)] * c.scaling;
+            if (t < 0) continue;
+            ++out.counts[std::size_t(e)];
+            if (a.seq_stats) ++out.seq_counts[std::size_t((t / seq_len) * E + e)];
+          }
+        }
+      });
+    }
   }
 
   template <class L>
@@ -501,6 +572,14 @@ class CpuEngine {
     cpu::make_chunks(T, has_seq ? seq_len : 0, starts_);
     const index_t C = index_t(starts_.size()) - 1;
     const float dlse = aux.dlse_sq;
+    if constexpr (expert) {  // the [E, C] gate gradient scattered into a dense ∂L/∂s [T, E], as the reference
+      all_ds_.assign(std::size_t(T * E), 0.0f);
+      for (index_t e = 0; e < E; ++e)
+        for (index_t j = 0; j < k; ++j) {
+          const std::int32_t t = rv.ids[std::size_t(e * k + j)];
+          if (t >= 0) all_ds_[std::size_t(t * E + e)] += c.scaling * dg(e, j);
+        }
+    }
 
     parallel(C, [&](index_t ci) {
       cpu::RowScratch& r = cpu::row_scratch();
@@ -522,6 +601,12 @@ class CpuEngine {
         const float* s = r.s.data();
         float* ds = r.ds.data();
         float* dzr = dz.row_ptr(t);
+        if constexpr (expert) {  // this token's ∂L/∂s, then the reference's chain rule
+          std::copy(all_ds_.begin() + t * E, all_ds_.begin() + (t + 1) * E, ds);
+          std::fill(dzr, dzr + E, 0.0f);
+          reference_chain_row<Sc>(z, s, p, lse, E, ds, dp, dlse, dzr);
+          continue;
+        }
         const std::int32_t* ids = rv.ids.data() + t * k;
         if constexpr (Sc::form == ScoreForm::softmax) {
           if (!dp) {
@@ -612,6 +697,8 @@ class CpuEngine {
   ParallelFor user_;
   std::vector<index_t> starts_;
   std::vector<double> acc_, lse_;
+  std::vector<float> all_s_, all_ds_;  ///< expert choice: scores and ∂L/∂s [T, E]
+  std::vector<float> all_key_;         ///< expert choice: keys in tiles (cpu::key_tile_offset)
   std::vector<std::int32_t> cnt_;
   std::vector<std::uint8_t> bad_;
 };
