@@ -237,6 +237,63 @@ void run_case(const Options& o, const Case& c, std::vector<Row>& rows) {
   (void)c;
 }
 
+/// Expert choice (capacity factor 8: the work of top-8) at T tokens, E experts, fp32: the
+/// forward and backward of CpuBackend (1 and N threads) against ReferenceBackend and the
+/// obvious libtorch code (softmax, top-C of each expert's column, tokens sorted); one line.
+void run_expert_choice(const Options& o, index_t T, index_t E) {
+  std::mt19937 rng(unsigned(T + E));
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> x(std::size_t(T * E));
+  for (auto& v : x) v = nd(rng);
+  const mr::MatrixView<const float> xv(x.data(), T, E);
+  mr::RouterConfig cfg;
+  cfg.num_experts = E;
+  cfg.capacity_factor = 8.0f;
+  const index_t C = mr::ExpertChoice::capacity(T, E, cfg);
+  std::vector<float> dg(std::size_t(E * C), 0.5f), dz(std::size_t(T * E));
+  const mr::MatrixView<const float> dgv(dg.data(), E, C);
+  const mr::MatrixView<float> dzv(dz.data(), T, E);
+  auto time_router = [&](auto& router, int threads, double& fwd, double& bwd) {
+    mr::RoutingBuffers buf;
+    mr::RoutingView r = router.make_output(buf, T);
+    fwd = best_ns(
+              o, [&] { router.route(xv, r); }, {}, threads) /
+          double(T);
+    bwd = best_ns(
+              o, [&] { router.backward(xv, r, dgv, dzv); }, {}, threads) /
+          double(T);
+  };
+  double f1 = 0, b1 = 0, fn = 0, bn = 0, fr = 0, br = 0, ft = NAN;
+  {
+    mr::Router<mr::ExpertChoice, mr::NoBalancing, mr::CpuBackend> cpu(cfg);
+    time_router(cpu, 1, f1, b1);
+    cpu.engine().set_threads(o.threads);
+    time_router(cpu, o.threads, fn, bn);
+    mr::Router<mr::ExpertChoice, mr::NoBalancing, mr::ReferenceBackend> ref(cfg);
+    time_router(ref, 1, fr, br);
+  }
+#if defined(MOEROUTE_BENCH_TORCH)
+  {
+    at::set_num_threads(1);
+    torch::NoGradGuard ng;
+    torch::Tensor xt = torch::from_blob(x.data(), {T, E}, torch::kFloat32).clone();
+    ft = best_ns(o,
+                 [&] {
+                   auto p = torch::softmax(xt, -1);
+                   auto top = std::get<1>(p.t().topk(C, -1));  // [E, C] token ids
+                   auto ids = std::get<0>(top.sort(-1));       // ascending token order per expert
+                   auto gates = p.t().gather(1, ids);
+                   auto probs = p.sum(0);
+                   (void)gates;
+                   (void)probs;
+                 }) /
+         double(T);
+  }
+#endif
+  std::printf("%6ld %4ld %5ld | %8.1f %8.1f %8.1f %8.1f | %7.1f %7.1f %6.2f | %8.1f %8.1f %7.1f\n", long(T), long(E),
+              long(C), f1, fn, fr, ft, fr / f1, ft / f1, f1 / fn, b1, br, br / b1);
+}
+
 template <class L>
 void dispatch_k(const Options& o, const Case& c, std::vector<Row>& rows) {
   if (c.k == 2)
@@ -329,6 +386,12 @@ int main(int argc, char** argv) {
       "threading\n"
       "adds no work, so N free cores give ~N x); tbwd = libtorch backward (1 thread); plan = DispatchPlan::build\n",
       N, N, N);
+
+  std::printf("\nExpertChoice, capacity factor 8 (C = 8T/E: the work of top-8), fp32, ns per token\n");
+  std::printf("%6s %4s %5s | %8s %8s %8s %8s | %7s %7s %6s | %8s %8s %7s\n", "T", "E", "C", "fwd 1t", "fwd Nt",
+              "ref fwd", "torch1t", "x ref", "x torch", "Nt/1t", "bwd 1t", "ref bwd", "x ref");
+  for (index_t E : {index_t(64), index_t(256)})
+    if (!o.quick || E == 256) run_expert_choice(o, 16384, E);
 
   if (FILE* f = std::fopen(o.csv.c_str(), "w")) {
     std::fprintf(f, "T,E,k,dtype,pass,impl,threads,ns_per_token\n");
