@@ -572,6 +572,13 @@ TEST_CASE("cuda: ExpertChoice equals the reference (token lists, ties, C > T, ev
   for (auto& v : dprob) v = n(rng);
   compare_expert_choice<Softmax, float, FixedBias>(512, 16, 1.0f, Input::random, 1.0f, 14, {bias});
   compare_expert_choice<Sigmoid, float, FixedAux>(512, 16, 1.0f, Input::random, 1.0f, 15, {dprob, 1e-2f});
+  // the engine's own argument checks name the argument and run no kernel
+  CudaEngine<Softmax, ExpertChoice> eng;
+  RouterConfig cfg;
+  RoutingView none;
+  CHECK_THROWS_AS(eng.forward(MatrixView<const float>(nullptr, 0, 0), cfg, 0, none), invalid_argument);   // E = 0
+  CHECK_THROWS_AS(eng.forward(MatrixView<const float>(nullptr, 0, 16), cfg, 3, none), invalid_argument);  // C, T = 0
+  CHECK_THROWS_AS(eng.forward(MatrixView<const float>(nullptr, 5, 16), cfg, 0, none), invalid_argument);  // C = 0
 }
 
 namespace cuda_test {

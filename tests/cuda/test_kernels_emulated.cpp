@@ -606,7 +606,10 @@ void run_expert_choice(index_t T, index_t E, index_t C, index_t seq_len, int lev
   std::vector<std::int64_t> counts(std::size_t(E), 7), global_counts(std::size_t(E), 7),
       seq_counts(std::size_t(S * E), 0);
   const float gamma = 1.5f;
-  emu::launch(dim3(unsigned(E)), dim3(cd::plan_threads), 0, [&] {
+  // one warp per block (as the emulated engine launches it) and four (as on a GPU)
+  const unsigned threads = levels % 2 == 0 ? 32u : 128u;
+  CAPTURE(threads);
+  emu::launch(dim3(unsigned(E)), dim3(threads), 0, [&] {
     cd::expert_choice_select_kernel(keys_t.data(), scores_t.data(), int(T), int(E), int(C), gamma, ids.data(),
                                     gates.data(), counts.data(), global_counts.data(), seq_len, seq_counts.data());
   });
@@ -636,4 +639,6 @@ TEST_CASE("emulated CUDA kernels: expert choice selection (radix select, ties to
   run_expert_choice(10, 3, 25, 5, 0, 55);      // C > T: every token, then −1
   run_expert_choice(150, 2, 150, 150, 3, 56);  // C = T
   run_expert_choice(1000, 2, 300, 100, 0, 57);
+  run_expert_choice(700, 3, 200, 70, 3, 58);  // four warps: ties across warps and chunks
+  run_expert_choice(129, 2, 64, 129, 1, 59);  // four warps, one key value: all ties
 }

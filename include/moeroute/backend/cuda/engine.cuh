@@ -383,14 +383,17 @@ class CudaEngine {
                bool with_lse = false) {
     using LT = std::remove_const_t<L>;
     const index_t T = x.rows, E = x.cols;
+    detail::require(E >= 1 && E <= max_experts, "logits", "E = ", E, " must be in [1, ", max_experts, "]");
+    // the kernels index with int: every index and loop bound stays below 2^31 - 1024
+    constexpr index_t int_limit = index_t(INT32_MAX) - 1024;
     if constexpr (expert_choice) {
-      detail::require(k >= 0 && (k >= 1 || T == 0), "k", "capacity C = ", k, " must be >= 1");
-      detail::require(T <= index_t(INT32_MAX) / E, "logits", "T = ", T, " is too large");
+      detail::require(T > 0 ? k >= 1 : k == 0, "k", "capacity C = ", k, " must be >= 1 (0 for an empty batch)");
+      detail::require(T <= int_limit / E && k <= int_limit / E, "logits", "T = ", T, " tokens (capacity ", k,
+                      ") are too many for E = ", E);
     } else {
       detail::require(k >= 1 && k <= std::min<index_t>(E, max_top_k), "k", "k = ", k, " must be in [1, min(E, 64)]");
+      detail::require(T <= int_limit / k, "logits", "T = ", T, " is too large");
     }
-    detail::require(E >= 1 && E <= max_experts, "logits", "E = ", E, " must be in [1, ", max_experts, "]");
-    detail::require(T <= index_t(INT32_MAX) / std::max<index_t>(k, 1), "logits", "T = ", T, " is too large");
     const index_t rows = expert_choice ? E : T;               // of ids and gates
     if constexpr (cuda_detail::group_selection<Se>::value) {  // groups must divide E and supply k experts
       RouterConfig gc;

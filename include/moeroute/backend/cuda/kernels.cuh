@@ -765,11 +765,11 @@ __global__ void plan_count_kernel(const std::int32_t* ids, int T, int k, int E, 
   for (int e = threadIdx.x; e < E; e += blockDim.x) part[index_t(blockIdx.x) * E + e] = hist[e];
 }
 
-/// Exclusive block scan of one int per thread (blockDim.x = plan_threads); returns the
-/// exclusive prefix and sets `total`.
+/// Exclusive block scan of one int per thread (blockDim.x a multiple of 32, at most 1024);
+/// returns the exclusive prefix and sets `total`.
 __device__ inline int block_exclusive_scan(int v, int& total) {
-  __shared__ int warp_tot[plan_threads / 32];
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  __shared__ int warp_tot[32];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, warps = blockDim.x >> 5;
   int x = v;
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
@@ -780,7 +780,7 @@ __device__ inline int block_exclusive_scan(int v, int& total) {
   __syncthreads();
   int before = 0;
   total = 0;
-  for (int q = 0; q < plan_threads / 32; ++q) {
+  for (int q = 0; q < warps; ++q) {
     if (q < w) before += warp_tot[q];
     total += warp_tot[q];
   }
@@ -864,7 +864,8 @@ __device__ inline unsigned key_code(float k) {
 
 /// Block e: expert e's token list ids[e, 0..C) (−1 beyond T) and its gates γ·s, counts[e]
 /// (and global_counts[e] when not null) = min(C, T), and + 1 in seq_counts[t / seq_len, e]
-/// per taken token when seq_counts is not null (integers: order-free). blockDim.x = plan_threads.
+/// per taken token when seq_counts is not null (integers: order-free). Any blockDim.x that is a
+/// multiple of 32 up to plan_threads (the engine launches plan_threads).
 __global__ void __launch_bounds__(plan_threads)
     expert_choice_select_kernel(const float* keys_t, const float* scores_t, int T, int E, int C, float scaling,
                                 std::int32_t* ids, float* gates, std::int64_t* counts, std::int64_t* global_counts,
