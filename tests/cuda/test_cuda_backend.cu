@@ -627,12 +627,18 @@ struct DeviceRanks {
 
 namespace {
 
-/// route → backward → step of `gpu` (logits `xv`, gate gradients `ddg` [T, k], logit
-/// gradients into `ddz`) captured on stream `s` and instantiated as a graph.
+/// route → backward → step of `gpu` (logits `xv`, gate gradients `ddg` [rows, slots], logit
+/// gradients into `ddz`) captured on stream `s` and instantiated as a graph, after the
+/// documented preparation: one eager route in evaluation mode, which allocates the workspace
+/// and uploads the balancer state without changing it.
 template <class Gpu>
 cudaGraphExec_t capture_training_step(Gpu& gpu, MatrixView<const float> xv, RoutingView& gv, const Dev<float>& ddg,
                                       const Dev<float>& ddz, cudaStream_t s) {
   const index_t T = xv.rows, E = xv.cols, k = gv.slots;
+  gpu.set_training(false);
+  gpu.route(xv, gv);
+  gpu.set_training(true);
+  MOEROUTE_CUDA_CHECK(cudaStreamSynchronize(s));
   cudaGraph_t graph;
   MOEROUTE_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
   gpu.route(xv, gv);
@@ -643,6 +649,22 @@ cudaGraphExec_t capture_training_step(Gpu& gpu, MatrixView<const float> xv, Rout
   MOEROUTE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
   MOEROUTE_CUDA_CHECK(cudaGraphDestroy(graph));  // the executable graph is independent of it
   return exec;
+}
+
+/// After the GPU replayed a captured training step on logits `z` and gate gradients `dg`, the
+/// reference router takes the same step eagerly (route, backward, step into `rv`): the GPU's
+/// ids (in `dr`) and logit gradients (in `ddz`) must agree with it.
+template <class Ref>
+void reference_step_agrees(Ref& ref, RoutingView& rv, const std::vector<float>& z, const std::vector<float>& dg,
+                           const DevRouting& dr, const Dev<float>& ddz) {
+  const index_t T = rv.tokens, E = rv.experts;
+  ref.route(MatrixView<const float>(z.data(), T, E), rv);
+  std::vector<float> dz_ref(std::size_t(T * E));
+  ref.backward(MatrixView<const float>(z.data(), T, E), rv, MatrixView<const float>(dg.data(), rv.rows(), rv.slots),
+               MatrixView<float>(dz_ref.data(), T, E));
+  ref.step();
+  CHECK(dr.ids.download() == std::vector<std::int32_t>(rv.ids.begin(), rv.ids.end()));
+  CHECK(gradients_agree(ddz.download(), dz_ref));
 }
 
 }  // namespace
@@ -681,22 +703,12 @@ TEST_CASE("cuda: device-side balancing with a device communicator follows the CP
     Router<TopK<8>, Bal, CudaBackend, Softmax, DeviceRanks> fresh(cfg, {}, DeviceRanks{3, s});
     fresh.engine().set_stream(s);
     fresh.load_state(ref.save_state());
-    fresh.set_training(false);
-    fresh.route(MatrixView<const float>(dx.p, T, E), gv);
-    fresh.set_training(true);
-    MOEROUTE_CUDA_CHECK(cudaStreamSynchronize(s));
     const cudaGraphExec_t exec = capture_training_step(fresh, MatrixView<const float>(dx.p, T, E), gv, ddg, ddz, s);
     MOEROUTE_CUDA_CHECK(cudaGraphLaunch(exec, s));
     MOEROUTE_CUDA_CHECK(cudaStreamSynchronize(s));
     RoutingBuffers rb;
     RoutingView rv = ref.make_output(rb, T);
-    ref.route(MatrixView<const float>(z.data(), T, E), rv);
-    std::vector<float> dz_ref(std::size_t(T * E));
-    ref.backward(MatrixView<const float>(z.data(), T, E), rv, MatrixView<const float>(dg.data(), T, k),
-                 MatrixView<float>(dz_ref.data(), T, E));
-    ref.step();
-    CHECK(dr.ids.download() == std::vector<std::int32_t>(rv.ids.begin(), rv.ids.end()));
-    CHECK(gradients_agree(ddz.download(), dz_ref));
+    reference_step_agrees(ref, rv, z, dg, dr, ddz);
     CHECK(fresh.save_state() == ref.save_state());
     MOEROUTE_CUDA_CHECK(cudaGraphExecDestroy(exec));
   }
@@ -730,13 +742,6 @@ void replay_captured_step(const RouterConfig& cfg, index_t T) {
   const index_t rows = gv.rows(), slots = gv.slots;
   Dev<float> dx(std::size_t(T * E)), ddg(std::size_t(rows * slots)), ddz(std::size_t(T * E));
   const MatrixView<const float> xv(dx.p, T, E);
-  // one eager route in evaluation mode: allocates the workspace and uploads the state
-  // without changing it
-  gpu.set_training(false);
-  gpu.route(xv, gv);
-  gpu.set_training(true);
-  MOEROUTE_CUDA_CHECK(cudaStreamSynchronize(s));
-
   cudaGraphExec_t exec = capture_training_step(gpu, xv, gv, ddg, ddz, s);
 
   for (unsigned rep = 0; rep < 3; ++rep) {
@@ -751,14 +756,8 @@ void replay_captured_step(const RouterConfig& cfg, index_t T) {
     MOEROUTE_CUDA_CHECK(cudaStreamSynchronize(s));
     RoutingBuffers rb;
     RoutingView rv = ref.make_output(rb, T);
-    ref.route(MatrixView<const float>(z.data(), T, E), rv);
-    std::vector<float> dz_ref(std::size_t(T * E));
-    ref.backward(MatrixView<const float>(z.data(), T, E), rv, MatrixView<const float>(dg.data(), rows, slots),
-                 MatrixView<float>(dz_ref.data(), T, E));
-    ref.step();
-    CHECK(dr.ids.download() == std::vector<std::int32_t>(rv.ids.begin(), rv.ids.end()));
+    reference_step_agrees(ref, rv, z, dg, dr, ddz);
     CHECK(dr.counts.download() == std::vector<std::int64_t>(rv.counts.begin(), rv.counts.end()));
-    CHECK(gradients_agree(ddz.download(), dz_ref));
     if constexpr (std::is_same_v<Bal, PhiZLoss>) {
       auto& router = gpu;
       cudaStream_t stream = s;
