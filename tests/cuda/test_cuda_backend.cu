@@ -66,24 +66,27 @@ struct Dev {
 };
 
 /// Device storage for a RoutingView: ids and gates [T, k] (token choice) or [E, C] (expert
-/// choice, k = C).
+/// choice, k = C), and per-sequence statistics [S, E] when S > 0.
 struct DevRouting {
   Dev<std::int32_t> ids;
   Dev<float> gates;
-  Dev<std::int64_t> counts, gcounts;
-  Dev<float> probs, gprobs;
-  index_t T, E, k;
+  Dev<std::int64_t> counts, gcounts, seq_counts;
+  Dev<float> probs, gprobs, seq_probs;
+  index_t T, E, k, S;
   ChoiceKind kind;
-  DevRouting(index_t T_, index_t E_, index_t k_, ChoiceKind kind_ = ChoiceKind::token)
+  DevRouting(index_t T_, index_t E_, index_t k_, ChoiceKind kind_ = ChoiceKind::token, index_t S_ = 0)
       : ids(std::size_t((kind_ == ChoiceKind::token ? T_ : E_) * k_)),
         gates(std::size_t((kind_ == ChoiceKind::token ? T_ : E_) * k_)),
         counts(std::size_t(E_)),
         gcounts(std::size_t(E_)),
+        seq_counts(std::size_t(S_ * E_)),
         probs(std::size_t(E_)),
         gprobs(std::size_t(E_)),
+        seq_probs(std::size_t(S_ * E_)),
         T(T_),
         E(E_),
         k(k_),
+        S(S_),
         kind(kind_) {}
   RoutingView view() const {
     RoutingView v;
@@ -97,6 +100,10 @@ struct DevRouting {
     v.global_counts = gcounts.span();
     v.prob_sums = probs.span();
     v.global_prob_sums = gprobs.span();
+    if (S > 0) {
+      v.seq_counts = seq_counts.span();
+      v.seq_prob_sums = seq_probs.span();
+    }
     return v;
   }
 };
@@ -105,6 +112,19 @@ struct DevRouting {
 
 // Test balancers (outside the anonymous namespace: their `name` is part of the concept).
 namespace cuda_test {
+
+/// `ranks` identical data-parallel ranks on the host: every sum is `ranks` times the local one.
+struct HostRanks {
+  int ranks = 3;
+  void allreduce_sum(std::span<double> v) const {
+    for (auto& x : v) x *= ranks;
+  }
+  void allreduce_sum(std::span<std::int64_t> v) const {
+    for (auto& x : v) x *= ranks;
+  }
+  [[nodiscard]] int size() const { return ranks; }
+  [[nodiscard]] int rank() const { return 0; }
+};
 
 /// A fixed score-space bias (tests the selection-bias path).
 struct FixedBias {
@@ -451,15 +471,16 @@ void follow_steps(Ref& ref, Gpu& gpu, DevRouting& dr, int steps, unsigned seed, 
 /// Several steps on the GPU (device-side balancing) and on the reference (follow_steps),
 /// then a state loaded into a fresh GPU router.
 template <class Bal, class Se = TopK<8>, class Sc = Softmax>
-void balanced_steps(index_t T, index_t E) {
+void balanced_steps(index_t T, index_t E, index_t sequence_length = 0) {
   const index_t k = 8;
   RouterConfig cfg;
   cfg.num_experts = E;
   cfg.top_k = k;
+  cfg.sequence_length = sequence_length;
   Router<Se, Bal, ReferenceBackend, Sc> ref(cfg);
   Router<Se, Bal, CudaBackend, Sc> gpu(cfg);
   static_assert(cuda_detail::device_balancing<Bal, NoComm>);
-  DevRouting dr(T, E, k);
+  DevRouting dr(T, E, k, ChoiceKind::token, ref.sequences(T));
   follow_steps(ref, gpu, dr, 4, 50, [](const RoutingView&) {});
   RoutingBuffers rb;
   // a loaded state reaches the device
@@ -487,13 +508,19 @@ TEST_CASE("cuda: built-in balancers on the device follow the CPU over steps (sta
   balanced_steps<Balancers<PhiBalancing<Entropy>, LossFree<>, ZLoss>>(T, 64);
   balanced_steps<Balancers<LossFree<ProportionalStep>, SwitchAux>>(tokens(1000, 40), 200);
   balanced_steps<LossFree<>, GroupTopK<8, 8, 4>, Sigmoid>(T, 256);  // DeepSeek-V3's router
+  // DeepSeek-V3's balancing: Loss-Free's bias and the sequence-wise loss, no host round trip
+  balanced_steps<Balancers<LossFree<>, PerSequenceSwitchAux>, GroupTopK<8, 8, 4>, Sigmoid>(T, 256, T / 4);
+  balanced_steps<PerSequenceSwitchAux>(T, 64);  // the batch is one sequence
+  balanced_steps<PhiBias<Entropy>>(T, 64);
+  balanced_steps<Balancers<LossFree<>, PhiBias<Squared>, ZLoss>>(T, 64);  // two biases, summed
 }
 
 namespace {
 
-/// Per-sequence statistics on the GPU (host balancer hooks): DeepSeek-V3's router, sigmoid +
-/// GroupTopK<8, 8, 4> with Loss-Free's bias and the sequence-wise Switch loss, over steps.
-template <class Se, class Sc>
+/// Per-sequence statistics on the GPU: DeepSeek-V3's router, sigmoid + GroupTopK<8, 8, 4>
+/// with Loss-Free's bias and the sequence-wise Switch loss, over steps; on the device with
+/// NoComm, through the host hooks with a host communicator (Comm = HostRanks).
+template <class Se, class Sc, class Comm = NoComm>
 void sequence_steps(index_t T, index_t E, index_t L) {
   CAPTURE(T);
   CAPTURE(E);
@@ -505,12 +532,11 @@ void sequence_steps(index_t T, index_t E, index_t L) {
   cfg.capacity_factor = 1.5f;  // expert choice: C = ceil(1.5 T / E)
   cfg.sequence_length = L;
   using Bal = Balancers<LossFree<>, PerSequenceSwitchAux>;
-  Router<Se, Bal, ReferenceBackend, Sc> ref(cfg);
-  Router<Se, Bal, CudaBackend, Sc> gpu(cfg);
-  const index_t S = L > 0 ? T / L : 1;
-  DevRouting dr(T, E, ref.slots(T), Se::choice);
-  Dev<std::int64_t> dseq_counts(std::size_t(S * E));
-  Dev<float> dseq_probs(std::size_t(S * E));
+  constexpr bool on_device = cuda_detail::device_balancing<Bal, Comm>;
+  CAPTURE(on_device);
+  Router<Se, Bal, ReferenceBackend, Sc, Comm> ref(cfg);
+  Router<Se, Bal, CudaBackend, Sc, Comm> gpu(cfg);
+  DevRouting dr(T, E, ref.slots(T), Se::choice, ref.sequences(T));
   RoutingBuffers rb;
   for (int step = 0; step < 3; ++step) {
     CAPTURE(step);
@@ -520,18 +546,17 @@ void sequence_steps(index_t T, index_t E, index_t L) {
     ref.route(MatrixView<const float>(z.data(), T, E), rv);
     Dev<float> dx(z);
     RoutingView gv = dr.view();
-    gv.seq_counts = dseq_counts.span();
-    gv.seq_prob_sums = dseq_probs.span();
     gpu.route(MatrixView<const float>(dx.p, T, E), gv);
     CHECK(dr.ids.download() == std::vector<std::int32_t>(rv.ids.begin(), rv.ids.end()));
     CHECK(gv.sequence_length == rv.sequence_length);
-    CHECK(dseq_counts.download() == std::vector<std::int64_t>(rv.seq_counts.begin(), rv.seq_counts.end()));
-    const auto sp = dseq_probs.download();
+    CHECK(dr.seq_counts.download() == std::vector<std::int64_t>(rv.seq_counts.begin(), rv.seq_counts.end()));
+    const auto sp = dr.seq_probs.download();
     int bad = 0;
     for (std::size_t i = 0; i < sp.size(); ++i) bad += !close(sp[i], rv.seq_prob_sums[i], 1e-6f, 1e-6f);
     CHECK(bad == 0);
     CHECK(rv.aux_loss > 0.0f);
-    CHECK(close(gv.aux_loss, rv.aux_loss, 1e-6f, 1e-12f));
+    const float aux = on_device ? device_aux_loss(gpu.engine().aux_loss_device()) : gv.aux_loss;
+    CHECK(close(aux, rv.aux_loss, 1e-6f, 1e-12f));
 
     CHECK(backward_agrees(ref, rv, z, gpu, gv, dx));
     ref.step();
@@ -545,6 +570,8 @@ void sequence_steps(index_t T, index_t E, index_t L) {
 TEST_CASE("cuda: per-sequence statistics and the sequence-wise loss (DeepSeek-V3's router) follow the CPU") {
   if (!cuda_ready()) return;
   sequence_steps<GroupTopK<8, 8, 4>, Sigmoid>(tokens(4096, 64), 256, tokens(1024, 16));
+  sequence_steps<GroupTopK<8, 8, 4>, Sigmoid, cuda_test::HostRanks>(tokens(4096, 64), 256, tokens(1024, 16));
+  sequence_steps<ExpertChoice, Softmax, cuda_test::HostRanks>(tokens(3000, 30), 16, tokens(100, 3));
   sequence_steps<GroupTopK<8, 8, 4>, Sigmoid>(tokens(40000, 40), 256, tokens(4000, 20));  // several tokens per warp
   sequence_steps<TopK<8>, Softmax>(tokens(3000, 30), 64, tokens(100, 3));                 // sequences end inside blocks
   sequence_steps<TopK<8>, Softmax>(tokens(512, 24), 128, 0);                              // the batch is one sequence
@@ -582,19 +609,6 @@ TEST_CASE("cuda: ExpertChoice equals the reference (token lists, ties, C > T, ev
 }
 
 namespace cuda_test {
-
-/// `ranks` identical data-parallel ranks on the host: every sum is `ranks` times the local one.
-struct HostRanks {
-  int ranks = 3;
-  void allreduce_sum(std::span<double> v) const {
-    for (auto& x : v) x *= ranks;
-  }
-  void allreduce_sum(std::span<std::int64_t> v) const {
-    for (auto& x : v) x *= ranks;
-  }
-  [[nodiscard]] int size() const { return ranks; }
-  [[nodiscard]] int rank() const { return 0; }
-};
 
 template <class T>
 __global__ void scale_kernel(T* v, std::size_t n, int ranks) {
@@ -673,19 +687,20 @@ TEST_CASE("cuda: device-side balancing with a device communicator follows the CP
   if (!cuda_ready()) return;
   using cuda_test::DeviceRanks;
   using cuda_test::HostRanks;
-  using Bal = Balancers<PhiBalancing<Entropy>, LossFree<>, SwitchAux, ZLoss>;
+  using Bal = Balancers<PhiBalancing<Entropy>, LossFree<>, SwitchAux, PerSequenceSwitchAux, ZLoss>;
   static_assert(cuda_detail::device_balancing<Bal, DeviceRanks>);
   static_assert(!cuda_detail::device_balancing<Bal, HostRanks>);
   const index_t T = tokens(2048, 48), E = 64, k = 8;
   RouterConfig cfg;
   cfg.num_experts = E;
   cfg.top_k = k;
+  cfg.sequence_length = T / 4;  // the sequence-wise loss: local sequences, global sequence count
   Router<TopK<8>, Bal, ReferenceBackend, Softmax, HostRanks> ref(cfg);
   cudaStream_t s;
   MOEROUTE_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
   Router<TopK<8>, Bal, CudaBackend, Softmax, DeviceRanks> gpu(cfg, {}, DeviceRanks{3, s});
   gpu.engine().set_stream(s);
-  DevRouting dr(T, E, k);
+  DevRouting dr(T, E, k, ChoiceKind::token, ref.sequences(T));
   follow_steps(ref, gpu, dr, 3, 90, [&](const RoutingView& rv) {
     CHECK(dr.gcounts.download() == std::vector<std::int64_t>(rv.global_counts.begin(), rv.global_counts.end()));
     std::int64_t tokens_g = 0;
@@ -727,17 +742,17 @@ using PhiZLoss = Balancers<PhiBalancing<Entropy>, ZLoss>;
 
 /// A training step (route, backward, step) of a router on the GPU, captured in a CUDA graph
 /// and replayed on new logits; after each replay the reference router takes the same step
-/// eagerly: ids, counts and gradients must agree, and with PhiZLoss the aux loss and φ's
-/// load estimate.
-template <class Se, class Bal>
+/// eagerly: ids, counts, gradients, the aux loss and the balancer's state must agree (not
+/// the Router's step count: a replay does not call step()).
+template <class Se, class Bal, class Sc = Softmax>
 void replay_captured_step(const RouterConfig& cfg, index_t T) {
-  Router<Se, Bal, CudaBackend> gpu(cfg);
-  Router<Se, Bal, ReferenceBackend> ref(cfg);
+  Router<Se, Bal, CudaBackend, Sc> gpu(cfg);
+  Router<Se, Bal, ReferenceBackend, Sc> ref(cfg);
   const index_t E = cfg.num_experts;
   cudaStream_t s;
   MOEROUTE_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
   gpu.engine().set_stream(s);
-  DevRouting dr(T, E, ref.slots(T), Se::choice);
+  DevRouting dr(T, E, ref.slots(T), Se::choice, ref.sequences(T));
   RoutingView gv = dr.view();
   const index_t rows = gv.rows(), slots = gv.slots;
   Dev<float> dx(std::size_t(T * E)), ddg(std::size_t(rows * slots)), ddz(std::size_t(T * E));
@@ -758,7 +773,7 @@ void replay_captured_step(const RouterConfig& cfg, index_t T) {
     RoutingView rv = ref.make_output(rb, T);
     reference_step_agrees(ref, rv, z, dg, dr, ddz);
     CHECK(dr.counts.download() == std::vector<std::int64_t>(rv.counts.begin(), rv.counts.end()));
-    if constexpr (std::is_same_v<Bal, PhiZLoss>) {
+    if constexpr (!std::is_same_v<Bal, NoBalancing>) {
       auto& router = gpu;
       cudaStream_t stream = s;
       // ---- as printed in README.md (CUDA backend, device-side balancing) ----
@@ -766,12 +781,14 @@ void replay_captured_step(const RouterConfig& cfg, index_t T) {
       cudaMemcpyAsync(&aux, router.engine().aux_loss_device(), sizeof aux, cudaMemcpyDeviceToHost, stream);
       cudaStreamSynchronize(stream);
       // ----
+      CHECK(rv.aux_loss != 0.0f);
       CHECK(close(aux, rv.aux_loss, 1e-6f, 1e-12f));
       Bal live = gpu.balancer();
-      gpu.engine().download_state(live);
-      const auto& phi = live.template get<0>();
-      CHECK(std::equal(phi.load_estimate().begin(), phi.load_estimate().end(),
-                       ref.balancer().template get<0>().load_estimate().begin()));
+      gpu.engine().download_state(live);  // the live device state, bit for bit
+      StateWriter wl, wr;
+      live.save(wl);
+      ref.balancer().save(wr);
+      CHECK(wl.bytes() == wr.bytes());
     }
   }
   MOEROUTE_CUDA_CHECK(cudaGraphExecDestroy(exec));
@@ -786,6 +803,16 @@ TEST_CASE("cuda: a step with PhiBalancing + z-loss captured in a CUDA graph foll
   cfg.num_experts = 128;
   cfg.top_k = 8;
   replay_captured_step<TopK<8>, PhiZLoss>(cfg, tokens(4096, 64));
+}
+
+TEST_CASE("cuda: a step with DeepSeek-V3's balancing (Loss-Free + sequence-wise loss) captured in a CUDA graph") {
+  if (!cuda_ready()) return;
+  RouterConfig cfg;
+  cfg.num_experts = 256;
+  cfg.top_k = 8;
+  const index_t T = tokens(4096, 32);
+  cfg.sequence_length = T / 4;
+  replay_captured_step<GroupTopK<8, 8, 4>, Balancers<LossFree<>, PerSequenceSwitchAux>, Sigmoid>(cfg, T);
 }
 
 TEST_CASE("cuda: an ExpertChoice step with PhiBalancing + z-loss captured in a CUDA graph follows the CPU") {

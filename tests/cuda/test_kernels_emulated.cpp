@@ -267,7 +267,11 @@ TEST_CASE("emulated CUDA kernels: element-wise and softmax-over-selected scoring
 // ---------------------------------------------------------------------------------------
 namespace {
 
-void emu_single(const std::function<void()>& f) { emu::launch(dim3(1), dim3(1), 0, f); }
+/// A balancer kernel over E experts as the engine launches it: one block, its terms in
+/// dynamic shared memory (the z-loss kernels, single-thread ones, run in thread 0 of it).
+void emu_balance(index_t E, const std::function<void()>& f) {
+  emu::launch(dim3(1), dim3(cd::reduce_threads), cd::balance_smem(E), f);
+}
 
 /// The device image of one balancer: its state and the kernel launches of its hooks, in the
 /// order the CUDA engine issues them.
@@ -283,10 +287,10 @@ struct EmuMember<LossFree<Rule>> {
   const float* bias() const { return b.data(); }
   void aux(const LossFree<Rule>&, const cd::DeviceStats&, float*, float*, float&) {}
   void observe(const LossFree<Rule>&, const cd::DeviceStats& s) {
-    emu_single([&] { cd::loss_free_observe_kernel(s, pending.data(), &batches); });
+    emu_balance(s.E, [&] { cd::loss_free_observe_kernel(s, pending.data(), &batches); });
   }
   void step(const LossFree<Rule>& h) {
-    emu_single([&] {
+    emu_balance(index_t(b.size()), [&] {
       cd::loss_free_step_kernel<Rule>(int(b.size()), h.config().update_rate, b.data(), pending.data(), &batches);
     });
   }
@@ -305,15 +309,17 @@ struct EmuMember<PhiBalancing<Pot, Rule>> {
   const float* bias() const { return nullptr; }
   void aux(const PhiBalancing<Pot, Rule>& h, const cd::DeviceStats& s, float* dprob, float* loss, float&) {
     const auto& c = h.config();
-    emu_single([&] {
+    emu_balance(s.E, [&] {
       cd::phi_aux_kernel<Pot, Rule>(s, m.data(), c.alpha, c.decay, c.statistic == PhiStatistic::hard, dprob, loss);
     });
   }
   void observe(const PhiBalancing<Pot, Rule>& h, const cd::DeviceStats& s) {
-    emu_single([&] { cd::phi_observe_kernel(s, h.config().statistic == PhiStatistic::hard, acc.data(), &acc_tokens); });
+    emu_balance(
+        s.E, [&] { cd::phi_observe_kernel(s, h.config().statistic == PhiStatistic::hard, acc.data(), &acc_tokens); });
   }
   void step(const PhiBalancing<Pot, Rule>& h) {
-    emu_single([&] { cd::phi_step_kernel<Rule>(int(m.size()), h.config().decay, m.data(), acc.data(), &acc_tokens); });
+    emu_balance(index_t(m.size()),
+                [&] { cd::phi_step_kernel<Rule>(int(m.size()), h.config().decay, m.data(), acc.data(), &acc_tokens); });
   }
   void compare(const PhiBalancing<Pot, Rule>& h) const {
     CHECK(std::equal(m.begin(), m.end(), h.load_estimate().begin()));  // bit-identical
@@ -336,7 +342,7 @@ struct EmuMember<SwitchAux> {
   explicit EmuMember(index_t) {}
   const float* bias() const { return nullptr; }
   void aux(const SwitchAux& h, const cd::DeviceStats& s, float* dprob, float* loss, float&) {
-    emu_single([&] { cd::switch_aux_kernel(s, h.config().alpha, dprob, loss); });
+    emu_balance(s.E, [&] { cd::switch_aux_kernel(s, h.config().alpha, dprob, loss); });
   }
   void observe(const SwitchAux&, const cd::DeviceStats&) {}
   void step(const SwitchAux&) {}
@@ -350,7 +356,7 @@ struct EmuMember<ZLoss> {
   void aux(const ZLoss& h, const cd::DeviceStats& s, float*, float* loss, float& dlse) {
     // the coefficient β/T needs no statistics: the engine forms it on the host
     if (s.tokens > 0) dlse += float(double(h.config().beta) / double(s.tokens));
-    if (loss) emu_single([&] { cd::zloss_kernel(s, h.config().beta, loss); });
+    if (loss) emu_balance(s.E, [&] { cd::zloss_kernel(s, h.config().beta, loss); });
   }
   void observe(const ZLoss&, const cd::DeviceStats&) {}
   void step(const ZLoss&) {}
@@ -426,7 +432,7 @@ void run_balanced(const typename B::Config& bc, index_t T, index_t E, index_t k,
       s.E = int(E);
       std::vector<float> dprob(static_cast<std::size_t>(E), 1.0f);
       float loss = 1.0f, dlse = 0.0f;
-      emu_single([&] { cd::balance_clear_kernel(int(E), dprob.data(), &loss); });
+      emu_balance(E, [&] { cd::balance_clear_kernel(int(E), dprob.data(), &loss); });
       dev.aux(ref.balancer(), s, dprob.data(), &loss, dlse);
       dev.observe(ref.balancer(), s);
       CHECK(std::fabs(loss - rv.aux_loss) <= 1e-6f * std::fabs(rv.aux_loss));

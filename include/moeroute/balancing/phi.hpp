@@ -212,6 +212,8 @@ class PhiBias {
   [[nodiscard]] const Config& config() const noexcept { return config_; }
   /// The committed load estimate m [E].
   [[nodiscard]] std::span<const float> load_estimate() const noexcept { return inner_.load_estimate(); }
+  /// The load estimator (a PhiBalancing with α = 0) whose state this balancer carries.
+  [[nodiscard]] const PhiBalancing<Pot, Rule>& estimator() const noexcept { return inner_; }
 
   void selection_bias(std::span<float> b) const {
     // the prices q_e = ∇φ(m_e), computed twice rather than stored: no allocation per route

@@ -6,11 +6,12 @@
 // gradients. The engine owns its device workspace (it grows only when a shape grows) and
 // runs on the stream set with `router.engine().set_stream(s)` (default: stream 0).
 //
-// Synchronisation. With NoComm and either NoBalancing or a built-in balancer with device
-// kernels (LossFree, PhiBalancing with a built-in potential and Ema/NoMemory, SwitchAux over
-// the global batch, ZLoss, Balancers<...> of these), route/backward/step enqueue kernels only
-// and never synchronise, so a training step can be captured in a CUDA graph (call route once
-// before capturing, so the workspace exists and the balancer state is on the device). The
+// Synchronisation. With NoComm (or a device communicator, NcclComm) and either NoBalancing
+// or a built-in balancer with device kernels (LossFree, PhiBalancing and PhiBias with a
+// built-in potential and Ema/NoMemory, SwitchAux, PerSequenceSwitchAux, ZLoss, Balancers<...>
+// of these), route/backward/step enqueue kernels only and never synchronise, so a training
+// step can be captured in a CUDA graph (call route once before capturing, so the workspace
+// exists and the balancer state is on the device). The
 // balancer state then lives on the device (download_state, aux_loss_device). A non-finite
 // logit is recorded on the device; `check_errors()` (which synchronises) throws the same
 // non_finite_error as the CPU backends. Other balancers and communicators are supported
@@ -171,16 +172,17 @@ struct DeviceBalancer<LossFree<Rule>> {
     upload_record(h, fields(), s);
   }
   void download(B& h, cudaStream_t s) const { download_record(h, fields(), s); }
+  static constexpr bool has_bias = true;
   [[nodiscard]] const float* bias() const noexcept { return b.data(); }
-  static constexpr bool has_dprob = false;
-  void aux(const B&, const DeviceStats&, float*, float*, float&, cudaStream_t) const {}
+  static constexpr bool has_dprob = false, has_dprob_seq = false;
+  void aux(const B&, const DeviceStats&, const DeviceAuxTargets&, float&, cudaStream_t) const {}
   void observe(const B&, const DeviceStats& st, cudaStream_t s) {
-    loss_free_observe_kernel<<<1, 1, 0, s>>>(st, pending.data(), pending.data() + E);
+    loss_free_observe_kernel<<<1, reduce_threads, 0, s>>>(st, pending.data(), pending.data() + E);
     MOEROUTE_CUDA_CHECK_LAUNCH();
   }
   void step(const B& h, cudaStream_t s) {
     loss_free_step_kernel<Rule>
-        <<<1, 1, 0, s>>>(int(E), h.config().update_rate, b.data(), pending.data(), pending.data() + E);
+        <<<1, reduce_threads, 0, s>>>(int(E), h.config().update_rate, b.data(), pending.data(), pending.data() + E);
     MOEROUTE_CUDA_CHECK_LAUNCH();
   }
 };
@@ -207,26 +209,73 @@ struct DeviceBalancer<PhiBalancing<Pot, Rule>> {
     upload_record(h, fields(), s);
   }
   void download(B& h, cudaStream_t s) const { download_record(h, fields(), s); }
+  static constexpr bool has_bias = false;
   [[nodiscard]] const float* bias() const noexcept { return nullptr; }
-  static constexpr bool has_dprob = true;
-  void aux(const B& h, const DeviceStats& st, float* dprob, float* loss, float&, cudaStream_t s) const {
+  static constexpr bool has_dprob = true, has_dprob_seq = false;
+  void aux(const B& h, const DeviceStats& st, const DeviceAuxTargets& out, float&, cudaStream_t s) const {
     const PhiConfig& c = h.config();
-    phi_aux_kernel<Pot, Rule>
-        <<<1, 1, 0, s>>>(st, m.data(), c.alpha, c.decay, c.statistic == PhiStatistic::hard, dprob, loss);
+    phi_aux_kernel<Pot, Rule><<<1, reduce_threads, balance_smem(st.E), s>>>(
+        st, m.data(), c.alpha, c.decay, c.statistic == PhiStatistic::hard, out.dprob, out.loss);
     MOEROUTE_CUDA_CHECK_LAUNCH();
   }
   void observe(const B& h, const DeviceStats& st, cudaStream_t s) {
-    phi_observe_kernel<<<1, 1, 0, s>>>(st, h.config().statistic == PhiStatistic::hard, acc.data(), acc_tokens.data());
+    phi_observe_kernel<<<1, reduce_threads, 0, s>>>(st, h.config().statistic == PhiStatistic::hard, acc.data(),
+                                                    acc_tokens.data());
     MOEROUTE_CUDA_CHECK_LAUNCH();
   }
   void step(const B& h, cudaStream_t s) {
-    phi_step_kernel<Rule><<<1, 1, 0, s>>>(int(E), h.config().decay, m.data(), acc.data(), acc_tokens.data());
+    phi_step_kernel<Rule>
+        <<<1, reduce_threads, 0, s>>>(int(E), h.config().decay, m.data(), acc.data(), acc_tokens.data());
+    MOEROUTE_CUDA_CHECK_LAUNCH();
+  }
+};
+
+/// PhiBias: φ's load estimate on the device (as PhiBalancing's), and the selection bias it
+/// sets, recomputed whenever m changes (upload, step).
+template <class Pot, class Rule>
+struct DeviceBalancer<PhiBias<Pot, Rule>> {
+  using B = PhiBias<Pot, Rule>;
+  using Estimator = PhiBalancing<Pot, Rule>;
+  static constexpr bool supported = DeviceBalancer<Estimator>::supported;
+  DeviceBalancer<Estimator> phi;
+  DeviceArray<float> b;
+
+  void upload(const B& h, index_t experts, cudaStream_t s) {
+    phi.upload(h.estimator(), experts, s);
+    b.reserve(std::size_t(experts));
+    refresh_bias(h, s);
+  }
+  /// The estimator's record, wrapped in PhiBias's own section, into h.load().
+  void download(B& h, cudaStream_t s) const {
+    Estimator est(phi.E, h.estimator().config());
+    phi.download(est, s);
+    StateWriter w;
+    w.section(B::identity());
+    est.save(w);
+    StateReader r(std::span<const std::byte>(w.bytes()));
+    h.load(r);
+  }
+  static constexpr bool has_bias = true;
+  [[nodiscard]] const float* bias() const noexcept { return b.data(); }
+  static constexpr bool has_dprob = false, has_dprob_seq = false;
+  void aux(const B&, const DeviceStats&, const DeviceAuxTargets&, float&, cudaStream_t) const {}
+  void observe(const B& h, const DeviceStats& st, cudaStream_t s) { phi.observe(h.estimator(), st, s); }
+  void step(const B& h, cudaStream_t s) {
+    phi.step(h.estimator(), s);
+    refresh_bias(h, s);
+  }
+
+ private:
+  void refresh_bias(const B& h, cudaStream_t s) {
+    phi_bias_kernel<Pot>
+        <<<1, reduce_threads, balance_smem(phi.E), s>>>(int(phi.E), phi.m.data(), h.config().tau, b.data());
     MOEROUTE_CUDA_CHECK_LAUNCH();
   }
 };
 
 /// The stateless ones: nothing to upload, observe or step.
 struct DeviceStateless {
+  static constexpr bool has_bias = false, has_dprob_seq = false;
   void upload(const auto&, index_t, cudaStream_t) {}
   void download(auto&, cudaStream_t) const {}
   [[nodiscard]] const float* bias() const noexcept { return nullptr; }
@@ -238,9 +287,29 @@ template <>
 struct DeviceBalancer<SwitchAux> : DeviceStateless {
   static constexpr bool supported = true;
   static constexpr bool has_dprob = true;
-  void aux(const SwitchAux& h, const DeviceStats& st, float* dprob, float* loss, float&, cudaStream_t s) const {
-    switch_aux_kernel<<<1, 1, 0, s>>>(st, h.config().alpha, dprob, loss);
+  void aux(const SwitchAux& h, const DeviceStats& st, const DeviceAuxTargets& out, float&, cudaStream_t s) const {
+    switch_aux_kernel<<<1, reduce_threads, balance_smem(st.E), s>>>(st, h.config().alpha, out.dprob, out.loss);
     MOEROUTE_CUDA_CHECK_LAUNCH();
+  }
+};
+
+/// DeepSeek-V3's sequence-wise loss, from the local per-sequence statistics of the route
+/// (they are not all-reduced; the token count is the global one, as on the host).
+template <>
+struct DeviceBalancer<PerSequenceSwitchAux> : DeviceStateless {
+  static constexpr bool supported = true;
+  static constexpr bool has_dprob = false;
+  static constexpr bool has_dprob_seq = true;
+  void aux(const PerSequenceSwitchAux& h, const DeviceStats& st, const DeviceAuxTargets& out, float&,
+           cudaStream_t s) const {
+    if (st.sequences <= 0 || st.sequence_length <= 0) return;
+    seq_aux_kernel<<<unsigned(st.sequences), reduce_threads, 0, s>>>(st, h.config().alpha, out.dprob_seq,
+                                                                     out.seq_scratch);
+    MOEROUTE_CUDA_CHECK_LAUNCH();
+    if (out.loss) {
+      seq_aux_loss_kernel<<<1, 1, 0, s>>>(st, h.config().alpha, out.seq_scratch, out.loss);
+      MOEROUTE_CUDA_CHECK_LAUNCH();
+    }
   }
 };
 
@@ -249,15 +318,15 @@ struct DeviceBalancer<ZLoss> : DeviceStateless {
   static constexpr bool supported = true;
   static constexpr bool has_dprob = false;
   /// The coefficient β/T needs no statistics: formed on the host as ZLoss does.
-  void aux(const ZLoss& h, const DeviceStats& st, float*, float* loss, float& dlse, cudaStream_t s) const {
+  void aux(const ZLoss& h, const DeviceStats& st, const DeviceAuxTargets& out, float& dlse, cudaStream_t s) const {
     if (st.tokens_device) {  // global token count on the device only
       zloss_coefficient_kernel<<<1, 1, 0, s>>>(st, h.config().beta);
       MOEROUTE_CUDA_CHECK_LAUNCH();
     } else if (st.tokens > 0) {
       dlse += float(double(h.config().beta) / double(st.tokens));
     }
-    if (loss) {
-      zloss_kernel<<<1, 1, 0, s>>>(st, h.config().beta, loss);
+    if (out.loss) {
+      zloss_kernel<<<1, 1, 0, s>>>(st, h.config().beta, out.loss);
       MOEROUTE_CUDA_CHECK_LAUNCH();
     }
   }
@@ -268,7 +337,14 @@ struct DeviceBalancer<Balancers<Bs...>> {
   using B = Balancers<Bs...>;
   static constexpr bool supported = (DeviceBalancer<Bs>::supported && ...);
   static constexpr bool has_dprob = (DeviceBalancer<Bs>::has_dprob || ...);
+  static constexpr bool has_dprob_seq = (DeviceBalancer<Bs>::has_dprob_seq || ...);
+  /// Members that set a selection bias: with more than one, their sum is kept in `sum`
+  /// (refreshed when a bias changes: upload, step).
+  static constexpr int biased_members = (int(DeviceBalancer<Bs>::has_bias) + ... + 0);
+  static constexpr bool has_bias = biased_members > 0;
   std::tuple<DeviceBalancer<Bs>...> ms;
+  DeviceArray<float> sum;
+  index_t E = 0;
 
   template <class H, class F>
   void each(H& h, F&& f) {
@@ -280,25 +356,49 @@ struct DeviceBalancer<Balancers<Bs...>> {
     [&]<std::size_t... I>(std::index_sequence<I...>) { (f(std::get<I>(ms), h.template get<I>()), ...); }
     (std::index_sequence_for<Bs...>{});
   }
-  void upload(const B& h, index_t E, cudaStream_t s) {
+  void upload(const B& h, index_t experts, cudaStream_t s) {
+    E = experts;
     each(h, [&](auto& d, const auto& m) { d.upload(m, E, s); });
+    if constexpr (biased_members > 1) {
+      sum.reserve(std::size_t(E));
+      refresh_sum(s);
+    }
   }
   void download(B& h, cudaStream_t s) const {
     each(h, [&](const auto& d, auto& m) { d.download(m, s); });
   }
   [[nodiscard]] const float* bias() const noexcept {
+    if constexpr (biased_members > 1) return sum.data();
     const float* b = nullptr;
     std::apply([&](const auto&... d) { ((b = b ? b : d.bias()), ...); }, ms);
     return b;
   }
-  void aux(const B& h, const DeviceStats& st, float* dprob, float* loss, float& dlse, cudaStream_t s) const {
-    each(h, [&](const auto& d, const auto& m) { d.aux(m, st, dprob, loss, dlse, s); });
+  void aux(const B& h, const DeviceStats& st, const DeviceAuxTargets& out, float& dlse, cudaStream_t s) const {
+    each(h, [&](const auto& d, const auto& m) { d.aux(m, st, out, dlse, s); });
   }
   void observe(const B& h, const DeviceStats& st, cudaStream_t s) {
     each(h, [&](auto& d, const auto& m) { d.observe(m, st, s); });
   }
   void step(const B& h, cudaStream_t s) {
     each(h, [&](auto& d, const auto& m) { d.step(m, s); });
+    if constexpr (biased_members > 1) refresh_sum(s);
+  }
+
+ private:
+  /// sum = (0 + b₁) + b₂ + …, in member order, as Balancers::selection_bias adds them.
+  void refresh_sum(cudaStream_t s) {
+    MOEROUTE_CUDA_CHECK(cudaMemsetAsync(sum.data(), 0, std::size_t(E) * sizeof(float), s));
+    std::apply(
+        [&](const auto&... d) {
+          const auto add = [&](const auto& m) {
+            if constexpr (std::decay_t<decltype(m)>::has_bias) {
+              bias_add_kernel<<<unsigned((E + 255) / 256), 256, 0, s>>>(int(E), m.bias(), sum.data());
+              MOEROUTE_CUDA_CHECK_LAUNCH();
+            }
+          };
+          (add(d), ...);
+        },
+        ms);
   }
 };
 
@@ -348,8 +448,10 @@ class CudaEngine {
 
   /// Allocates the workspace for batches of up to `tokens` tokens and `experts` experts (and
   /// per-sequence statistics of `sequence_length`-token sequences, 0: none), so later calls
-  /// of that size allocate nothing (needed before CUDA-graph capture).
-  void reserve(index_t tokens, index_t experts, index_t sequence_length = 0) {
+  /// of that size allocate nothing (needed before CUDA-graph capture). ExpertChoice keeps the
+  /// batch's scores and their gradient as [E, T] (4·T·E bytes each), and with `selection_bias`
+  /// the biased keys too (as much again; false: forwards without a bias allocate nothing).
+  void reserve(index_t tokens, index_t experts, index_t sequence_length = 0, bool selection_bias = true) {
     const Launch l = launch_of(tokens, experts, sequence_length);
     part_prob_.reserve(std::size_t(std::max<index_t>(l.blocks, 1) * experts));
     part_count_.reserve(std::size_t(std::max<index_t>(l.blocks, 1) * experts));
@@ -363,7 +465,7 @@ class CudaEngine {
     plan_part_.reserve(std::size_t(std::max<index_t>(chunks, 1) * experts));
     if constexpr (expert_choice) {  // the batch's scores, keys and score gradient, [E, T]
       scores_t_.reserve(std::size_t(tokens * experts));
-      keys_t_.reserve(std::size_t(tokens * experts));
+      if (selection_bias) keys_t_.reserve(std::size_t(tokens * experts));
       ds_t_.reserve(std::size_t(tokens * experts));
     }
     if (!bad_initialised_) {
@@ -413,7 +515,7 @@ class CudaEngine {
       detail::check_span(out.seq_counts, "out.seq_counts", (T / seq_len) * E);
       detail::check_span(out.seq_prob_sums, "out.seq_prob_sums", (T / seq_len) * E);
     }
-    reserve(T, E, seq_len);
+    reserve(T, E, seq_len, bias != nullptr);
     const Launch l = launch_of(T, E, seq_len);
     if (T > 0) {
       cuda_detail::ForwardParams<LT> P;
@@ -485,7 +587,7 @@ class CudaEngine {
     P.dg = dg.data;
     P.dg_stride = dg.stride;
     if constexpr (expert_choice) {  // the [E, C] gate gradient scattered into a dense ∂L/∂s
-      reserve(T, E);
+      reserve(T, E, 0, false);
       const index_t C = r.slots;
       MOEROUTE_CUDA_CHECK(cudaMemsetAsync(ds_t_.data(), 0, std::size_t(T * E) * sizeof(float), stream_));
       if (C > 0) {
@@ -535,7 +637,7 @@ class CudaEngine {
     detail::check_span(p.offsets, "plan.offsets", E + 1);
     detail::check_span(p.order, "plan.order", T * k);
     detail::check_span(p.position, "plan.position", T * k);
-    reserve(T, E);
+    reserve(T, E, 0, false);
     const index_t chunks = (T + cuda_detail::plan_chunk_tokens - 1) / cuda_detail::plan_chunk_tokens;
     const std::size_t smem = std::size_t(E) * sizeof(int);
     if (chunks > 0) {
@@ -594,7 +696,7 @@ class CudaEngine {
       return;
     }
     const index_t T = x.rows, E = x.cols;
-    reserve(T, E);
+    reserve(T, E, 0, detail::has_selection_bias<B>);
     const float* bias = nullptr;
     if constexpr (detail::has_selection_bias<B>) {
       host_bias_.assign(std::size_t(E), 0.0f);
@@ -604,8 +706,7 @@ class CudaEngine {
     }
     constexpr bool host_stats = detail::has_aux_loss<B> || detail::has_observe<B> || !std::is_same_v<C, NoComm>;
     // per-sequence statistics (local sequences: they are not all-reduced), as Router on the CPU
-    out.sequence_length =
-        detail::needs_sequence_stats<B> ? (c.sequence_length > 0 ? c.sequence_length : std::max<index_t>(T, 1)) : 0;
+    out.sequence_length = sequence_length_of<B>(c, T);
     forward(x, c, k, out, bias, host_stats);
     out.global_tokens = T;
     out.global_lse_sq_sum = 0.0;
@@ -823,11 +924,12 @@ class CudaEngine {
       detail::require(comm.stream() == stream_, "comm",
                       "the communicator's stream must be the engine's stream (engine().set_stream), so that the "
                       "all-reduce is ordered between the kernels");
-    reserve(T, E);
+    reserve(T, E, 0, cuda_detail::DeviceBalancer<B>::has_bias);
     aux_loss_.reserve(1);
     auto& db = device_state(bal, E);
+    out.sequence_length = sequence_length_of<B>(c, T);
+    if constexpr (cuda_detail::DeviceBalancer<B>::has_dprob_seq) reserve_sequence_terms(out);
     forward(x, c, k, out, db.bias(), cuda_detail::reads_lse<B>);
-    out.sequence_length = 0;
     out.global_tokens = reduce ? 0 : T;  // with a communicator: on the device, global_tokens_device()
     out.global_lse_sq_sum = 0.0;         // on the device: lse_sq_sum_device()
     out.aux_loss = 0.0f;                 // on the device: aux_loss_device()
@@ -849,13 +951,48 @@ class CudaEngine {
           out.global_prob_sums.empty() ? g_probs_dev_.data() : out.global_prob_sums.data());
       MOEROUTE_CUDA_CHECK_LAUNCH();
     }
-    cuda_detail::balance_clear_kernel<<<1, 1, 0, stream_>>>(int(E), dprob_.data(), aux_loss_.data());
+    cuda_detail::balance_clear_kernel<<<1, cuda_detail::reduce_threads, 0, stream_>>>(int(E), dprob_.data(),
+                                                                                      aux_loss_.data());
     MOEROUTE_CUDA_CHECK_LAUNCH();
     if (!training) return;
     const cuda_detail::DeviceStats st = device_stats(out, T, E);
     float dlse = 0.0f;
-    db.aux(bal, st, dprob_.data(), aux_loss_.data(), dlse, stream_);
+    db.aux(bal, st, aux_targets<B>(out, aux_loss_.data()), dlse, stream_);
     db.observe(bal, st, stream_);
+  }
+
+  /// RoutingView::sequence_length of a route with balancer B (0: no per-sequence statistics).
+  template <class B>
+  static index_t sequence_length_of(const RouterConfig& c, index_t T) noexcept {
+    if constexpr (detail::needs_sequence_stats<B>)
+      return c.sequence_length > 0 ? c.sequence_length : std::max<index_t>(T, 1);
+    else
+      return 0;
+  }
+
+  /// Allocates the per-sequence coefficients and scratch of `r`'s sequences (in route, so
+  /// that a captured route or backward allocates nothing).
+  void reserve_sequence_terms(const RoutingView& r) {
+    dprob_seq_.reserve(std::max<std::size_t>(r.seq_counts.size(), 1));
+    seq_scratch_.reserve(
+        std::size_t(std::max<index_t>(r.experts > 0 ? index_t(r.seq_counts.size()) / r.experts : 0, 1)));
+  }
+
+  /// Where B's kernels write for the route `r`: the engine's ∂L/∂p buffers (the per-sequence
+  /// one zeroed here) and `loss`.
+  template <class B>
+  cuda_detail::DeviceAuxTargets aux_targets(const RoutingView& r, float* loss) {
+    cuda_detail::DeviceAuxTargets t;
+    t.dprob = dprob_.data();
+    t.loss = loss;
+    if constexpr (cuda_detail::DeviceBalancer<B>::has_dprob_seq) {
+      reserve_sequence_terms(r);
+      if (!r.seq_counts.empty())
+        MOEROUTE_CUDA_CHECK(cudaMemsetAsync(dprob_seq_.data(), 0, r.seq_counts.size() * sizeof(float), stream_));
+      t.dprob_seq = dprob_seq_.data();
+      t.seq_scratch = seq_scratch_.data();
+    }
+    return t;
   }
 
   /// The statistics the balancer kernels read: the global ones of `r` (device-reduced ones
@@ -871,6 +1008,12 @@ class CudaEngine {
     st.lse_sq = dev_comm_ ? dred_f64_.data() + E : scalars_.data();
     st.tokens = T;
     st.E = int(E);
+    if (!r.seq_counts.empty() && r.sequence_length > 0) {
+      st.seq_counts = r.seq_counts.data();
+      st.seq_prob_sums = r.seq_prob_sums.data();
+      st.sequence_length = r.sequence_length;
+      st.sequences = int(T / r.sequence_length);
+    }
     if (dev_comm_) {
       st.tokens_device = reinterpret_cast<const long long*>(dred_i64_.data() + E);
       st.dlse_device = dlse_dev_.data();
@@ -881,16 +1024,20 @@ class CudaEngine {
   /// The balancers' ∂L/∂p and z-loss coefficients of `r`'s statistics, on the device.
   template <class B>
   DeviceAuxGradient device_coefficients(index_t T, index_t E, const RoutingView& r, const B& bal) {
-    reserve(T, E);
+    reserve(T, E, 0, false);
     auto& db = device_state(bal, E);
     const cuda_detail::DeviceStats st = device_stats(r, T, E);
-    cuda_detail::balance_clear_kernel<<<1, 1, 0, stream_>>>(int(E), dprob_.data(), nullptr);
+    cuda_detail::balance_clear_kernel<<<1, cuda_detail::reduce_threads, 0, stream_>>>(int(E), dprob_.data(), nullptr);
     MOEROUTE_CUDA_CHECK_LAUNCH();
     if (st.dlse_device) MOEROUTE_CUDA_CHECK(cudaMemsetAsync(st.dlse_device, 0, sizeof(float), stream_));
     DeviceAuxGradient aux;
     float dlse = 0.0f;
-    db.aux(bal, st, dprob_.data(), nullptr, dlse, stream_);
+    db.aux(bal, st, aux_targets<B>(r, nullptr), dlse, stream_);
     if (cuda_detail::DeviceBalancer<B>::has_dprob && T > 0) aux.dprob = dprob_.data();
+    if (cuda_detail::DeviceBalancer<B>::has_dprob_seq && st.sequences > 0) {
+      aux.dprob_seq = dprob_seq_.data();
+      aux.sequence_length = r.sequence_length;
+    }
     aux.dlse_sq = dlse;
     if (st.dlse_device && cuda_detail::reads_lse<B>) aux.dlse_sq_device = st.dlse_device;
     return aux;
@@ -982,6 +1129,7 @@ class CudaEngine {
   cuda_detail::DeviceArray<std::int64_t> dred_i64_;  // [E] counts, then T
   cuda_detail::DeviceArray<std::int64_t> g_counts_dev_;
   cuda_detail::DeviceArray<float> g_probs_dev_, dlse_dev_;
+  cuda_detail::DeviceArray<double> seq_scratch_;  // the sequence-wise loss's per-sequence sums
   double g_lse_sq_ = 0.0;
 };
 

@@ -949,10 +949,11 @@ __global__ void expert_choice_scatter_kernel(const std::int32_t* ids, const floa
 }
 
 // ---------------------------------------------------------------------------------------
-// Device-side balancing: the built-in balancers' hooks as single-thread kernels. Each runs
-// the host balancer's loop in the same order with the same fp32/fp64 operations (explicit
-// round-to-nearest where nvcc could fuse a product into a sum), so the state is bit-identical
-// to the host balancer's and the loss and coefficients agree to the last bits of pow/log.
+// Device-side balancing: the built-in balancers' hooks as small one-block kernels. Each
+// computes the host balancer's per-expert formulas with the same fp32/fp64 operations
+// (explicit round-to-nearest where nvcc could fuse a product into a sum) and its ordered sums
+// in the host's order, so the state is bit-identical to the host balancer's and the loss and
+// coefficients agree to the last bits of pow/log.
 // ---------------------------------------------------------------------------------------
 
 /// The global statistics of one batch on the device (what BalanceStats holds on the host).
@@ -967,6 +968,21 @@ struct DeviceStats {
   /// Where the z-loss coefficient goes when the token count is only on the device.
   float* dlse_device = nullptr;
   int E = 0;
+  /// Per-sequence statistics of the local sequences (null when the route has none).
+  const std::int64_t* seq_counts = nullptr;  ///< [sequences, E]
+  const float* seq_prob_sums = nullptr;      ///< [sequences, E]
+  index_t sequence_length = 0;
+  int sequences = 0;
+};
+
+/// Where the balancer kernels put their results: ∂L/∂p [E], per-sequence ∂L/∂p [S, E]
+/// (both added to), the aux loss (added to; null: not wanted) and a per-sequence fp64
+/// scratch [S].
+struct DeviceAuxTargets {
+  float* dprob = nullptr;
+  float* dprob_seq = nullptr;
+  float* loss = nullptr;
+  double* seq_scratch = nullptr;
 };
 
 /// A potential whose gradient has a device form here (the built-in ones).
@@ -1014,10 +1030,42 @@ __device__ inline bool first_thread() { return threadIdx.x == 0 && blockIdx.x ==
 
 __device__ inline long long d_tokens(const DeviceStats& s) { return s.tokens_device ? *s.tokens_device : s.tokens; }
 
-__device__ inline long long d_assignments(const DeviceStats& s) {
+// The balancer kernels over E run as one block of reduce_threads threads; thread i handles
+// experts i, i + reduce_threads, ... Every per-expert result is the host's element-wise
+// formula. The fp64 sums the host forms in expert order (losses, means) are formed the same
+// way: the block writes the terms into dynamic shared memory (balance_smem(E) bytes) and
+// thread 0 adds them in order, so from the same statistics the losses and biases are the
+// host's bit for bit too.
+
+/// Dynamic shared memory of a balancer kernel: one fp64 term per expert (E <= 4096: 32 KiB).
+inline constexpr std::size_t balance_smem(index_t E) { return std::size_t(E) * sizeof(double); }
+
+/// Σ v over the block (integers: any order), in every thread; `sh` is [reduce_threads] shared.
+__device__ inline long long block_sum_i64(long long v, long long* sh) {
+  const int i = threadIdx.x;
+  sh[i] = v;
+  __syncthreads();
+  for (int h = reduce_threads / 2; h > 0; h >>= 1) {
+    if (i < h) sh[i] += sh[i + h];
+    __syncthreads();
+  }
+  const long long r = sh[0];
+  __syncthreads();  // sh is free again
+  return r;
+}
+
+/// Σ_e counts_e, the assignments of the batch, in every thread.
+__device__ inline long long block_assignments(const DeviceStats& s, long long* sh) {
   long long a = 0;
-  for (int e = 0; e < s.E; ++e) a += s.counts[e];
-  return a;
+  for (int e = threadIdx.x; e < s.E; e += reduce_threads) a += s.counts[e];
+  return block_sum_i64(a, sh);
+}
+
+/// Σ_{e < E} terms[e] in expert order (the host's loop); call after a barrier.
+__device__ inline double ordered_sum(const double* terms, int E) {
+  double l = 0.0;
+  for (int e = 0; e < E; ++e) l = __dadd_rn(l, terms[e]);
+  return l;
 }
 
 /// φ's load statistic of expert e: hard f = count/assignments (when any), else soft p̂.
@@ -1027,25 +1075,76 @@ __device__ inline double d_phi_statistic(const DeviceStats& s, int e, bool hard,
 }
 
 /// Zeroes the coefficients ∂L/∂p [E] and the aux-loss scalar before the balancers add theirs.
-__global__ void balance_clear_kernel(int E, float* dprob, float* loss) {
-  if (!first_thread()) return;
-  for (int e = 0; e < E; ++e) dprob[e] = 0.0f;
-  if (loss) *loss = 0.0f;
+__global__ void __launch_bounds__(reduce_threads) balance_clear_kernel(int E, float* dprob, float* loss) {
+  for (int e = threadIdx.x; e < E; e += reduce_threads) dprob[e] = 0.0f;
+  if (loss && threadIdx.x == 0) *loss = 0.0f;
 }
 
 /// SwitchAux (global batch): loss α·E·Σ f_e·P_e, dprob += α·E·f_e/T.
-__global__ void switch_aux_kernel(DeviceStats s, float alpha, float* dprob, float* loss) {
-  if (!first_thread()) return;
-  const long long A = d_assignments(s), tokens = d_tokens(s);
+__global__ void __launch_bounds__(reduce_threads)
+    switch_aux_kernel(DeviceStats s, float alpha, float* dprob, float* loss) {
+  extern __shared__ double terms[];  // [E]
+  __shared__ long long sh[reduce_threads];
+  const long long A = block_assignments(s, sh), tokens = d_tokens(s);
   if (tokens <= 0 || A <= 0) return;
   const double scale = double(alpha) * double(s.E), T = double(tokens), Ad = double(A);
-  double l = 0.0;
-  for (int e = 0; e < s.E; ++e) {
+  for (int e = threadIdx.x; e < s.E; e += reduce_threads) {
     const double f = double(s.counts[e]) / Ad;
-    l = __dadd_rn(l, __dmul_rn(f, double(s.prob_sums[e])) / T);
+    terms[e] = __dmul_rn(f, double(s.prob_sums[e])) / T;
     dprob[e] = __fadd_rn(dprob[e], float(__dmul_rn(scale, f) / T));
   }
-  if (loss) *loss = __fadd_rn(*loss, float(__dmul_rn(scale, l)));
+  if (!loss) return;
+  __syncthreads();
+  if (threadIdx.x == 0) *loss = __fadd_rn(*loss, float(__dmul_rn(scale, ordered_sum(terms, s.E))));
+}
+
+/// PerSequenceSwitchAux, part 1, one block per local sequence q: with f = count/assigned of
+/// that sequence, dprob_seq += α·E·f / (L·S_global), and scratch[q] = Σ_e f·P_e/L (a fixed
+/// tree order). S_global = global tokens / L, as the host's.
+__global__ void __launch_bounds__(reduce_threads)
+    seq_aux_kernel(DeviceStats s, float alpha, float* dprob_seq, double* scratch) {
+  __shared__ double sl[reduce_threads];
+  __shared__ long long sa[reduce_threads];
+  const int q = blockIdx.x, i = threadIdx.x, E = s.E;
+  const std::int64_t* counts = s.seq_counts + index_t(q) * E;
+  const float* probs = s.seq_prob_sums + index_t(q) * E;
+  long long a = 0;
+  for (int e = i; e < E; e += reduce_threads) a += counts[e];
+  sa[i] = a;
+  __syncthreads();
+  for (int h = reduce_threads / 2; h > 0; h >>= 1) {
+    if (i < h) sa[i] += sa[i + h];
+    __syncthreads();
+  }
+  const long long assigned = sa[0], tokens = d_tokens(s);
+  const double L = double(s.sequence_length);
+  double l = 0.0;
+  if (assigned > 0 && tokens > 0) {
+    const double scale = double(alpha) * double(E), denom = __dmul_rn(L, double(tokens) / L);
+    for (int e = i; e < E; e += reduce_threads) {
+      const double f = double(counts[e]) / double(assigned);
+      l = __dadd_rn(l, __dmul_rn(f, double(probs[e])) / L);
+      float* g = dprob_seq + index_t(q) * E + e;
+      *g = __fadd_rn(*g, float(__dmul_rn(scale, f) / denom));
+    }
+  }
+  sl[i] = l;
+  __syncthreads();
+  for (int h = reduce_threads / 2; h > 0; h >>= 1) {
+    if (i < h) sl[i] = __dadd_rn(sl[i], sl[i + h]);
+    __syncthreads();
+  }
+  if (i == 0) scratch[q] = sl[0];
+}
+
+/// PerSequenceSwitchAux, part 2: loss += α·E·Σ_q scratch[q] / S_global (q in order).
+__global__ void seq_aux_loss_kernel(DeviceStats s, float alpha, const double* scratch, float* loss) {
+  const long long tokens = d_tokens(s);
+  if (!first_thread() || tokens <= 0) return;
+  double l = 0.0;
+  for (int q = 0; q < s.sequences; ++q) l = __dadd_rn(l, scratch[q]);
+  const double scale = double(alpha) * double(s.E);
+  *loss = __fadd_rn(*loss, float(__dmul_rn(scale, l) / (double(tokens) / double(s.sequence_length))));
 }
 
 /// ZLoss value β·Σ lse²/T (its coefficient β/T is formed on the host when T is known there).
@@ -1065,69 +1164,104 @@ __global__ void zloss_coefficient_kernel(DeviceStats s, float beta) {
 /// PhiBalancing's loss and coefficients from the committed m: q = ∇φ(Rule(m, p̂)),
 /// loss α·Σ q·p̂, dprob += α·q/T.
 template <class Pot, class Rule>
-__global__ void phi_aux_kernel(DeviceStats s, const float* m, float alpha, float decay, bool hard, float* dprob,
-                               float* loss) {
+__global__ void __launch_bounds__(reduce_threads)
+    phi_aux_kernel(DeviceStats s, const float* m, float alpha, float decay, bool hard, float* dprob, float* loss) {
+  extern __shared__ double terms[];  // [E]
+  __shared__ long long sh[reduce_threads];
   const long long tokens = d_tokens(s);
-  if (!first_thread() || tokens <= 0) return;
-  const long long A = hard ? d_assignments(s) : 0;
+  if (tokens <= 0) return;
+  const long long A = hard ? block_assignments(s, sh) : 0;
   const double T = double(tokens), a = double(alpha);
-  double l = 0.0;
-  for (int e = 0; e < s.E; ++e) {
+  for (int e = threadIdx.x; e < s.E; e += reduce_threads) {
     const float next = d_phi_rule<Rule>(m[e], d_phi_statistic(s, e, hard, A), decay);
     const double q = double(d_potential_gradient<Pot>(next));
-    l = __dadd_rn(l, __dmul_rn(q, double(s.prob_sums[e])) / T);
+    terms[e] = __dmul_rn(q, double(s.prob_sums[e])) / T;
     dprob[e] = __fadd_rn(dprob[e], float(__dmul_rn(a, q) / T));
   }
-  if (loss) *loss = __fadd_rn(*loss, float(__dmul_rn(a, l)));
+  if (!loss) return;
+  __syncthreads();
+  if (threadIdx.x == 0) *loss = __fadd_rn(*loss, float(__dmul_rn(a, ordered_sum(terms, s.E))));
 }
 
 /// PhiBalancing::observe: acc += statistic·T, acc_tokens += T.
-__global__ void phi_observe_kernel(DeviceStats s, bool hard, double* acc, long long* acc_tokens) {
+__global__ void __launch_bounds__(reduce_threads)
+    phi_observe_kernel(DeviceStats s, bool hard, double* acc, long long* acc_tokens) {
+  __shared__ long long sh[reduce_threads];
   const long long T = d_tokens(s);
-  if (!first_thread() || T <= 0) return;
-  const long long A = hard ? d_assignments(s) : 0;
-  for (int e = 0; e < s.E; ++e) acc[e] = __dadd_rn(acc[e], __dmul_rn(d_phi_statistic(s, e, hard, A), double(T)));
-  *acc_tokens += T;
+  if (T <= 0) return;
+  const long long A = hard ? block_assignments(s, sh) : 0;
+  for (int e = threadIdx.x; e < s.E; e += reduce_threads)
+    acc[e] = __dadd_rn(acc[e], __dmul_rn(d_phi_statistic(s, e, hard, A), double(T)));
+  if (threadIdx.x == 0) *acc_tokens += T;
 }
 
 /// PhiBalancing::step: m ← Rule(m, acc/acc_tokens), then clears the accumulators.
 template <class Rule>
-__global__ void phi_step_kernel(int E, float decay, float* m, double* acc, long long* acc_tokens) {
-  if (!first_thread() || *acc_tokens <= 0) return;
-  const double n = double(*acc_tokens);
-  for (int e = 0; e < E; ++e) {
+__global__ void __launch_bounds__(reduce_threads)
+    phi_step_kernel(int E, float decay, float* m, double* acc, long long* acc_tokens) {
+  const long long tokens = *acc_tokens;
+  if (tokens <= 0) return;
+  const double n = double(tokens);
+  for (int e = threadIdx.x; e < E; e += reduce_threads) {
     acc[e] = acc[e] / n;
     m[e] = d_phi_rule<Rule>(m[e], acc[e], decay);
     acc[e] = 0.0;
   }
-  *acc_tokens = 0;
+  __syncthreads();  // every thread has read the token count
+  if (threadIdx.x == 0) *acc_tokens = 0;
+}
+
+/// PhiBias's selection bias from the committed m: b_e = −τ·(q_e − mean q), q = ∇φ(m), the
+/// mean in fp64 in expert order (as PhiBias::selection_bias adds it to zeros).
+template <class Pot>
+__global__ void __launch_bounds__(reduce_threads) phi_bias_kernel(int E, const float* m, float tau, float* b) {
+  extern __shared__ double terms[];  // [E], the prices
+  __shared__ double mean_sh;
+  for (int e = threadIdx.x; e < E; e += reduce_threads) terms[e] = double(d_potential_gradient<Pot>(m[e]));
+  __syncthreads();
+  if (threadIdx.x == 0) mean_sh = ordered_sum(terms, E) / double(E);
+  __syncthreads();
+  const double mean = mean_sh;
+  for (int e = threadIdx.x; e < E; e += reduce_threads)
+    b[e] = __fadd_rn(0.0f, float(__dmul_rn(-double(tau), __dsub_rn(terms[e], mean))));
+}
+
+/// The selection bias of a composition with several biased members: sum += b (called per
+/// member in member order on a zeroed sum, as Balancers::selection_bias adds them).
+__global__ void bias_add_kernel(int E, const float* b, float* sum) {
+  for (int e = int(blockIdx.x * blockDim.x + threadIdx.x); e < E; e += int(gridDim.x * blockDim.x))
+    sum[e] = __fadd_rn(sum[e], b[e]);
 }
 
 /// LossFree::observe: pending counts += the batch's counts.
-__global__ void loss_free_observe_kernel(DeviceStats s, long long* pending, long long* batches) {
-  if (!first_thread()) return;
-  for (int e = 0; e < s.E; ++e) pending[e] += s.counts[e];
-  *batches += 1;
+__global__ void __launch_bounds__(reduce_threads)
+    loss_free_observe_kernel(DeviceStats s, long long* pending, long long* batches) {
+  for (int e = threadIdx.x; e < s.E; e += reduce_threads) pending[e] += s.counts[e];
+  if (threadIdx.x == 0) *batches += 1;
 }
 
-/// LossFree::step with SignStep or ProportionalStep, then clears the accumulators.
+/// LossFree::step with SignStep or ProportionalStep, then clears the accumulators. The host
+/// adds the counts as doubles in expert order; below 2^53 every partial sum is exact, so the
+/// integer total converted once is the same double.
 template <class Rule>
-__global__ void loss_free_step_kernel(int E, float u, float* b, long long* pending, long long* batches) {
-  if (!first_thread() || *batches == 0) return;
-  double sum = 0.0;
-  for (int e = 0; e < E; ++e) sum = __dadd_rn(sum, double(pending[e]));
-  const double mean = sum / double(E);
-  for (int e = 0; e < E; ++e) {
-    const double c = double(pending[e]);
+__global__ void __launch_bounds__(reduce_threads)
+    loss_free_step_kernel(int E, float u, float* b, long long* pending, long long* batches) {
+  __shared__ long long sh[reduce_threads];
+  if (*batches == 0) return;
+  long long c = 0;
+  for (int e = threadIdx.x; e < E; e += reduce_threads) c += pending[e];
+  const double mean = double(block_sum_i64(c, sh)) / double(E);  // its barriers: every thread read *batches
+  for (int e = threadIdx.x; e < E; e += reduce_threads) {
+    const double ce = double(pending[e]);
     if constexpr (std::is_same_v<Rule, SignStep>) {
-      const double d = mean - c;
+      const double d = mean - ce;
       b[e] = __fadd_rn(b[e], d > 0.0 ? u : (d < 0.0 ? -u : 0.0f));
     } else if (mean > 0.0) {
-      b[e] = float(__dadd_rn(double(b[e]), __dmul_rn(double(u), mean - c) / mean));
+      b[e] = float(__dadd_rn(double(b[e]), __dmul_rn(double(u), mean - ce) / mean));
     }
+    pending[e] = 0;
   }
-  for (int e = 0; e < E; ++e) pending[e] = 0;
-  *batches = 0;
+  if (threadIdx.x == 0) *batches = 0;
 }
 
 }  // namespace moeroute::cuda_detail
