@@ -9,18 +9,24 @@
 // - plan: counts, offsets, stable order and inverse (CudaEngine::plan);
 // - forward_group_topk: DeepSeek-V3's selection (sigmoid + bias, GroupTopK<8, 8, 4>);
 // - forward_expert_choice: ExpertChoice with capacity factor k (C = ⌈k·T/E⌉, the compute of
-//   top-k): the fused scoring pass, then the per-expert radix select over [E, T] scores.
+//   top-k): the fused scoring pass, then the per-expert radix select over [E, T] scores;
+// - step_graph_phi: a whole training step of Router<TopK<8>, PhiBalancing<Entropy>,
+//   CudaBackend> (route, backward, step, the balancer on the device) replayed as a CUDA graph;
+// - step_graph_dsv3: the same for DeepSeek-V3's router (sigmoid, GroupTopK<8, 8, 4>,
+//   Loss-Free's bias and the sequence-wise loss over 4 sequences).
 // The memory floor of a call is its compulsory DRAM traffic (logits read once, outputs
 // written once) divided by the device-to-device copy bandwidth measured here.
 // Output: one CSV row per case on stdout (header first); --quick runs T = 4096 and 65536,
 // E = 256 only.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <moeroute/backend/cuda/engine.cuh>
 #include <moeroute/moeroute.hpp>
 #include <random>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -65,6 +71,64 @@ double copy_bandwidth(cudaStream_t s) {
   cudaFree(src);
   cudaFree(dst);
   return 2.0 * double(n) / (us * 1e-6);
+}
+
+/// Device memory freed at scope exit.
+template <class T>
+struct DeviceBuffer {
+  T* p = nullptr;
+  explicit DeviceBuffer(index_t n) {
+    MOEROUTE_CUDA_CHECK(cudaMalloc(&p, std::size_t(std::max<index_t>(n, 1)) * sizeof(T)));
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() { cudaFree(p); }
+  std::span<T> span(index_t n) const { return {p, std::size_t(n)}; }
+};
+
+/// Mean µs of one replay of a training step of `router` (route, backward with ∂L/∂gates `dg`,
+/// step) captured in a CUDA graph, after the documented preparation (one evaluation route).
+template <class R, class L>
+double step_graph_us(R& router, cudaStream_t s, const L* x, index_t T, index_t E, const float* dg, float* dz,
+                     int reps) {
+  const index_t k = router.slots(T), S = router.sequences(T);
+  DeviceBuffer<std::int32_t> ids(T * k);
+  DeviceBuffer<float> gates(T * k), probs(E), gprobs(E), seq_probs(S * E);
+  DeviceBuffer<std::int64_t> counts(E), gcounts(E), seq_counts(S * E);
+  RoutingView v;
+  v.tokens = T;
+  v.experts = E;
+  v.slots = k;
+  v.ids = ids.span(T * k);
+  v.gates = gates.span(T * k);
+  v.counts = counts.span(E);
+  v.global_counts = gcounts.span(E);
+  v.prob_sums = probs.span(E);
+  v.global_prob_sums = gprobs.span(E);
+  if (S > 0) {
+    v.seq_counts = seq_counts.span(S * E);
+    v.seq_prob_sums = seq_probs.span(S * E);
+  }
+  const MatrixView<const L> xv(x, T, E);
+  router.engine().set_stream(s);
+  router.set_training(false);
+  router.route(xv, v);
+  router.set_training(true);
+  MOEROUTE_CUDA_CHECK(cudaStreamSynchronize(s));
+  cudaGraph_t g;
+  cudaGraphExec_t ge;
+  MOEROUTE_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+  router.route(xv, v);
+  router.backward(xv, v, MatrixView<const float>(dg, T, k), MatrixView<float>(dz, T, E));
+  router.step();
+  MOEROUTE_CUDA_CHECK(cudaStreamEndCapture(s, &g));
+  MOEROUTE_CUDA_CHECK(cudaGraphInstantiate(&ge, g, 0));
+  Timer tm;
+  const double us = tm.time_us(s, reps, [&] { MOEROUTE_CUDA_CHECK(cudaGraphLaunch(ge, s)); });
+  router.engine().check_errors(xv);
+  cudaGraphExecDestroy(ge);
+  cudaGraphDestroy(g);
+  return us;
 }
 
 template <class L>
@@ -171,6 +235,18 @@ void run_case(cudaStream_t s, double bw, const char* dtype, index_t T, index_t E
   cudaFree(ec_ids);
   cudaFree(ec_gates);
 
+  // whole training steps with the balancer on the device, replayed as CUDA graphs
+  Router<TopK<8>, PhiBalancing<Entropy>, CudaBackend> phi_router(cfg);
+  const double phi_step = step_graph_us(phi_router, s, x, T, E, dg, dz, reps);
+  double dsv3_step = -1.0;
+  if (E % 8 == 0 && k == 8) {
+    RouterConfig dcfg = cfg;
+    dcfg.renormalize = false;
+    dcfg.sequence_length = T / 4;
+    Router<GroupTopK<8, 8, 4>, Balancers<LossFree<>, PerSequenceSwitchAux>, CudaBackend, Sigmoid> dsv3(dcfg);
+    dsv3_step = step_graph_us(dsv3, s, x, T, E, dg, dz, reps);
+  }
+
   // compulsory traffic: forward reads the logits, writes ids + gates; backward also reads
   // ids + ∂gates and writes ∂logits (fp32); the plan reads ids, writes order + position
   const double fwd_bytes = double(T * E) * sizeof(L) + double(T * k) * 8;
@@ -187,6 +263,8 @@ void run_case(cudaStream_t s, double bw, const char* dtype, index_t T, index_t E
   row("plan", plan, plan_bytes);
   if (group_fwd >= 0.0) row("forward_group_topk", group_fwd, fwd_bytes);
   row("forward_expert_choice", ec_fwd, double(T * E) * sizeof(L) + double(E * C) * 8);
+  row("step_graph_phi", phi_step, fwd_bytes + bwd_bytes);
+  if (dsv3_step >= 0.0) row("step_graph_dsv3", dsv3_step, fwd_bytes + bwd_bytes);
   std::fflush(stdout);
   for (void* p : {(void*)x, (void*)ids, (void*)gates, (void*)dg, (void*)dz, (void*)counts, (void*)probs, (void*)pc,
                   (void*)po, (void*)order, (void*)pos})
