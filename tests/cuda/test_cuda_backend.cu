@@ -513,6 +513,38 @@ TEST_CASE("cuda: built-in balancers on the device follow the CPU over steps (sta
   balanced_steps<PerSequenceSwitchAux>(T, 64);  // the batch is one sequence
   balanced_steps<PhiBias<Entropy>>(T, 64);
   balanced_steps<Balancers<LossFree<>, PhiBias<Squared>, ZLoss>>(T, 64);  // two biases, summed
+  // pairings without an exact device form keep the host hooks
+  static_assert(!cuda_detail::device_balancing<PhiBias<Power<3>>, NoComm>);
+  static_assert(!cuda_detail::device_balancing<PhiBalancing<Entropy, SignStep>, NoComm>);
+  static_assert(!cuda_detail::device_balancing<Balancers<LossFree<>, Sinkhorn>, NoComm>);
+}
+
+TEST_CASE("cuda: an empty batch with device-side balancing routes nothing and matches the CPU") {
+  if (!cuda_ready()) return;
+  using Bal = Balancers<LossFree<>, PerSequenceSwitchAux, ZLoss>;
+  const index_t E = 16, k = 2;
+  RouterConfig cfg;  // sequence_length 0: the batch is one sequence, here an empty one
+  cfg.num_experts = E;
+  cfg.top_k = k;
+  Router<TopK<2>, Bal, ReferenceBackend> ref(cfg);
+  Router<TopK<2>, Bal, CudaBackend> gpu(cfg);
+  static_assert(cuda_detail::device_balancing<Bal, NoComm>);
+  DevRouting dr(0, E, k, ChoiceKind::token, ref.sequences(0));
+  dr.seq_counts.upload(std::vector<std::int64_t>(std::size_t(E), 7));  // must be overwritten
+  RoutingBuffers rb;
+  RoutingView rv = ref.make_output(rb, 0), gv = dr.view();
+  Dev<float> dx(std::size_t(0)), ddg(std::size_t(0)), ddz(std::size_t(0));
+  ref.route(MatrixView<const float>(nullptr, 0, E), rv);
+  gpu.route(MatrixView<const float>(dx.p, 0, E), gv);
+  CHECK(gv.sequence_length == rv.sequence_length);
+  CHECK(dr.counts.download() == std::vector<std::int64_t>(std::size_t(E), 0));
+  CHECK(dr.seq_counts.download() == std::vector<std::int64_t>(rv.seq_counts.begin(), rv.seq_counts.end()));
+  CHECK(device_aux_loss(gpu.engine().aux_loss_device()) == rv.aux_loss);
+  gpu.backward(MatrixView<const float>(dx.p, 0, E), gv, MatrixView<const float>(ddg.p, 0, k),
+               MatrixView<float>(ddz.p, 0, E));
+  ref.step();
+  gpu.step();
+  CHECK(gpu.save_state() == ref.save_state());
 }
 
 namespace {
@@ -576,6 +608,61 @@ TEST_CASE("cuda: per-sequence statistics and the sequence-wise loss (DeepSeek-V3
   sequence_steps<TopK<8>, Softmax>(tokens(3000, 30), 64, tokens(100, 3));                 // sequences end inside blocks
   sequence_steps<TopK<8>, Softmax>(tokens(512, 24), 128, 0);                              // the batch is one sequence
   sequence_steps<ExpertChoice, Softmax>(tokens(3000, 30), 16, tokens(100, 3));  // Loss-Free's bias in the keys
+}
+
+TEST_CASE("cuda: Sinkhorn selection through its host hook equals the reference") {
+  if (!cuda_ready()) return;
+  // the whole comparison (ids, gates, counts, statistics, backward, dispatch plan)
+  compare<Softmax, float, Sinkhorn>(1024, 64, 2, Input::random, false, 1.0f, 41);
+  compare<Softmax, bfloat16, Balancers<Sinkhorn, ZLoss>>(512, 128, 8, Input::random, true, 1.0f, 42);
+  compare<Sigmoid, float, Sinkhorn, GroupTopK<8, 8, 4>>(512, 256, 8, Input::random, true, 2.5f, 43);
+  compare<Softmax, float, Sinkhorn>(300, 16, 4, Input::ties, false, 1.0f, 44);
+  compare<Softmax, float, Sinkhorn>(64, 1000, 8, Input::random, false, 1.0f, 45);  // the general path
+  compare_expert_choice<Softmax, float, Sinkhorn>(600, 16, 1.0f, Input::random, 1.0f, 46);
+
+  const index_t T = tokens(1024, 48), E = 32, k = 2;
+  RouterConfig cfg;
+  cfg.num_experts = E;
+  cfg.top_k = k;
+  cfg.non_finite = NonFinite::nan_as_neg_inf;
+  auto z = make_input(Input::random, T, E, 47);
+  for (index_t t = 0; t < T; ++t)
+    for (index_t e = 0; e < E; ++e) z[std::size_t(t * E + e)] += 3.0f * float(e) / float(E);  // skewed
+  z[std::size_t(3 * E + 5)] = NAN;  // -inf for the selection and for Sinkhorn's K
+  Router<TopK<2>, Sinkhorn, ReferenceBackend> ref(cfg);
+  Router<TopK<2>, NoBalancing, ReferenceBackend> plain(cfg);
+  Router<TopK<2>, Sinkhorn, CudaBackend> gpu(cfg);
+  RoutingBuffers rb, pb;
+  RoutingView rv = ref.make_output(rb, T), pv = plain.make_output(pb, T);
+  DevRouting dr(T, E, k);
+  RoutingView gv = dr.view();
+  Dev<float> dx(z);
+  const MatrixView<const float> hx(z.data(), T, E), xv(dx.p, T, E);
+  ref.route(hx, rv);
+  plain.route(hx, pv);
+  gpu.route(xv, gv);
+  const auto ids = dr.ids.download();
+  CHECK(ids == std::vector<std::int32_t>(rv.ids.begin(), rv.ids.end()));
+  CHECK(ids != std::vector<std::int32_t>(pv.ids.begin(), pv.ids.end()));  // the offset moved tokens
+  // the host balancer ran on the same fp32 logits: its record is the reference's
+  CHECK(gpu.balancer().iterations() == ref.balancer().iterations());
+  CHECK(std::equal(gpu.balancer().column_scaling().begin(), gpu.balancer().column_scaling().end(),
+                   ref.balancer().column_scaling().begin()));
+  CHECK(gpu.balancer().batches() == 1);
+
+  // outside training the offset is not applied: plain top-k, nothing recorded
+  gpu.set_training(false);
+  gpu.route(xv, gv);
+  CHECK(dr.ids.download() == std::vector<std::int32_t>(pv.ids.begin(), pv.ids.end()));
+  CHECK(gpu.balancer().batches() == 1);
+
+  // errors reach the caller before anything is recorded, as on the CPU
+  Router<TopK<2>, Sinkhorn, CudaBackend> strict({.num_experts = E, .top_k = k});  // NaN is an error
+  CHECK_THROWS_AS(strict.route(xv, gv), non_finite_error);
+  CHECK(strict.balancer().batches() == 0);
+  Router<TopK<2>, Sinkhorn, CudaBackend> capped(cfg, {.tol = 1e-12, .max_iters = 1});
+  CHECK_THROWS_AS(capped.route(xv, gv), sinkhorn_error);
+  CHECK(capped.balancer().batches() == 0);
 }
 
 TEST_CASE("cuda: ExpertChoice equals the reference (token lists, ties, C > T, every scoring, bf16, bias, aux terms)") {
@@ -813,6 +900,14 @@ TEST_CASE("cuda: a step with DeepSeek-V3's balancing (Loss-Free + sequence-wise 
   const index_t T = tokens(4096, 32);
   cfg.sequence_length = T / 4;
   replay_captured_step<GroupTopK<8, 8, 4>, Balancers<LossFree<>, PerSequenceSwitchAux>, Sigmoid>(cfg, T);
+}
+
+TEST_CASE("cuda: a step with two summed selection biases (Loss-Free + PhiBias) captured in a CUDA graph") {
+  if (!cuda_ready()) return;
+  RouterConfig cfg;
+  cfg.num_experts = 64;
+  cfg.top_k = 8;
+  replay_captured_step<TopK<8>, Balancers<LossFree<>, PhiBias<Entropy>, ZLoss>>(cfg, tokens(2048, 32));
 }
 
 TEST_CASE("cuda: an ExpertChoice step with PhiBalancing + z-loss captured in a CUDA graph follows the CPU") {

@@ -465,6 +465,17 @@ inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, std::size_t n, cu
   emu::submit([=] { std::memcpy(dst, src, n); });
   return cudaSuccess;
 }
+/// A pitched copy of `rows` rows of `width` bytes (CUDA's rule: width <= either pitch).
+inline cudaError_t cudaMemcpy2DAsync(void* dst, std::size_t dpitch, const void* src, std::size_t spitch,
+                                     std::size_t width, std::size_t rows, cudaMemcpyKind, cudaStream_t = nullptr) {
+  if (width > dpitch || width > spitch) return cudaErrorInvalidValue;
+  if (width > 0 && rows > 0 && (!dst || !src)) return cudaErrorInvalidValue;
+  emu::submit([=] {
+    for (std::size_t r = 0; r < rows; ++r)
+      std::memcpy(static_cast<char*>(dst) + r * dpitch, static_cast<const char*>(src) + r * spitch, width);
+  });
+  return cudaSuccess;
+}
 inline cudaError_t cudaMemcpy(void* dst, const void* src, std::size_t n, cudaMemcpyKind kind) {
   if (cudaError_t e = emu::forbidden_in_capture()) return e;
   return cudaMemcpyAsync(dst, src, n, kind);

@@ -31,6 +31,7 @@
 #include <utility>
 #include <vector>
 
+#include "../../backend/reference/engine.hpp"
 #include "../../balancing/compose.hpp"
 #include "../../balancing/loss_free.hpp"
 #include "../../balancing/none.hpp"
@@ -154,7 +155,7 @@ void download_record(B& h, const std::tuple<StateField<T>...>& fields, cudaStrea
 template <class Rule>
 struct DeviceBalancer<LossFree<Rule>> {
   using B = LossFree<Rule>;
-  static constexpr bool supported = device_rule<Rule>;
+  static constexpr bool supported = device_loss_free_rule<Rule>;
   DeviceArray<float> b;
   DeviceArray<long long> pending;  // [E] counts, then the batch count
   index_t E = 0;
@@ -190,7 +191,7 @@ struct DeviceBalancer<LossFree<Rule>> {
 template <class Pot, class Rule>
 struct DeviceBalancer<PhiBalancing<Pot, Rule>> {
   using B = PhiBalancing<Pot, Rule>;
-  static constexpr bool supported = device_potential<Pot>::value && device_rule<Rule>;
+  static constexpr bool supported = device_potential<Pot>::value && device_phi_rule<Rule>;
   DeviceArray<float> m;
   DeviceArray<double> acc;
   DeviceArray<long long> acc_tokens;
@@ -236,7 +237,10 @@ template <class Pot, class Rule>
 struct DeviceBalancer<PhiBias<Pot, Rule>> {
   using B = PhiBias<Pot, Rule>;
   using Estimator = PhiBalancing<Pot, Rule>;
-  static constexpr bool supported = DeviceBalancer<Estimator>::supported;
+  // the bias selects: only potentials whose price is exact on both sides (log_f32, identity),
+  // not pow, whose last bits may differ between CUDA and the host's libm
+  static constexpr bool supported =
+      DeviceBalancer<Estimator>::supported && (std::is_same_v<Pot, Entropy> || std::is_same_v<Pot, Squared>);
   DeviceBalancer<Estimator> phi;
   DeviceArray<float> b;
 
@@ -450,8 +454,8 @@ class CudaEngine {
   /// per-sequence statistics of `sequence_length`-token sequences, 0: none), so later calls
   /// of that size allocate nothing (needed before CUDA-graph capture). ExpertChoice keeps the
   /// batch's scores and their gradient as [E, T] (4·T·E bytes each), and with `selection_bias`
-  /// the biased keys too (as much again; false: forwards without a bias allocate nothing).
-  void reserve(index_t tokens, index_t experts, index_t sequence_length = 0, bool selection_bias = true) {
+  /// (forwards will get a bias or logit offset) the keys too, as much again.
+  void reserve(index_t tokens, index_t experts, index_t sequence_length = 0, bool selection_bias = false) {
     const Launch l = launch_of(tokens, experts, sequence_length);
     part_prob_.reserve(std::size_t(std::max<index_t>(l.blocks, 1) * experts));
     part_count_.reserve(std::size_t(std::max<index_t>(l.blocks, 1) * experts));
@@ -479,10 +483,12 @@ class CudaEngine {
   /// gates are [E, C], as RoutingView describes); when `out.seq_counts` is not empty also the
   /// per-sequence seq_counts and seq_prob_sums [S, E] of `out.sequence_length`-token
   /// sequences (0: the batch is one sequence). `bias`: a device [E] selection bias or null.
-  /// `with_lse`: also Σ_t lse(z_t)² (device, lse_sq_sum_device()). No synchronisation.
+  /// `with_lse`: also Σ_t lse(z_t)² (device, lse_sq_sum_device()). `logit_offset`: a device
+  /// [E] logit-space selection offset (the key is z + offset; Sinkhorn) or null; not with a
+  /// bias. No synchronisation.
   template <LogitElement L>
   void forward(MatrixView<const L> x, const RouterConfig& c, index_t k, RoutingView& out, const float* bias = nullptr,
-               bool with_lse = false) {
+               bool with_lse = false, const float* logit_offset = nullptr) {
     using LT = std::remove_const_t<L>;
     const index_t T = x.rows, E = x.cols;
     detail::require(E >= 1 && E <= max_experts, "logits", "E = ", E, " must be in [1, ", max_experts, "]");
@@ -496,6 +502,8 @@ class CudaEngine {
       detail::require(k >= 1 && k <= std::min<index_t>(E, max_top_k), "k", "k = ", k, " must be in [1, min(E, 64)]");
       detail::require(T <= int_limit / k, "logits", "T = ", T, " is too large");
     }
+    detail::require(!(bias && logit_offset), "logit_offset",
+                    "a selection bias and a logit-space offset exclude each other");
     const index_t rows = expert_choice ? E : T;               // of ids and gates
     if constexpr (cuda_detail::group_selection<Se>::value) {  // groups must divide E and supply k experts
       RouterConfig gc;
@@ -508,14 +516,16 @@ class CudaEngine {
     detail::check_span(out.counts, "out.counts", E);
     detail::check_span(out.prob_sums, "out.prob_sums", E);
     const bool seq = !out.seq_counts.empty();
+    // sequence_length 0: the batch is one sequence (one row of statistics, zeros when empty)
     const index_t seq_len = seq ? (out.sequence_length > 0 ? out.sequence_length : std::max<index_t>(T, 1)) : 0;
+    const index_t sequences = seq ? (out.sequence_length > 0 ? T / seq_len : 1) : 0;
     if (seq) {
       detail::require(out.sequence_length >= 0 && T % seq_len == 0, "out.sequence_length",
                       "sequence_length = ", out.sequence_length, " does not divide T = ", T);
-      detail::check_span(out.seq_counts, "out.seq_counts", (T / seq_len) * E);
-      detail::check_span(out.seq_prob_sums, "out.seq_prob_sums", (T / seq_len) * E);
+      detail::check_span(out.seq_counts, "out.seq_counts", sequences * E);
+      detail::check_span(out.seq_prob_sums, "out.seq_prob_sums", sequences * E);
     }
-    reserve(T, E, seq_len, bias != nullptr);
+    reserve(T, E, seq_len, bias || logit_offset);
     const Launch l = launch_of(T, E, seq_len);
     if (T > 0) {
       cuda_detail::ForwardParams<LT> P;
@@ -527,7 +537,8 @@ class CudaEngine {
       P.tokens_per_warp = l.tokens_per_warp;
       P.segment = l.segment;
       P.blocks_per_segment = int(l.blocks_per_segment);
-      P.bias = bias;
+      P.bias = logit_offset ? logit_offset : bias;
+      P.bias_on_logits = logit_offset != nullptr;
       P.renormalize = c.renormalize;
       P.scaling = c.scaling;
       P.nan_as_neg_inf = c.non_finite == NonFinite::nan_as_neg_inf;
@@ -535,7 +546,7 @@ class CudaEngine {
       P.gates = out.gates.data();
       if constexpr (expert_choice) {
         P.scores_t = scores_t_.data();
-        P.keys_t = bias ? keys_t_.data() : nullptr;
+        P.keys_t = P.bias ? keys_t_.data() : nullptr;
       }
       P.part_prob = part_prob_.data();
       P.part_count = part_count_.data();
@@ -548,6 +559,10 @@ class CudaEngine {
         out.counts.data(), out.global_counts.empty() ? nullptr : out.global_counts.data(), out.prob_sums.data(),
         out.global_prob_sums.empty() ? nullptr : out.global_prob_sums.data(), prob_f64_.data(), scalars_.data());
     MOEROUTE_CUDA_CHECK_LAUNCH();
+    if (seq && T == 0) {
+      MOEROUTE_CUDA_CHECK(cudaMemsetAsync(out.seq_counts.data(), 0, out.seq_counts.size_bytes(), stream_));
+      MOEROUTE_CUDA_CHECK(cudaMemsetAsync(out.seq_prob_sums.data(), 0, out.seq_prob_sums.size_bytes(), stream_));
+    }
     if (seq && T > 0) {
       const index_t cells = (T / seq_len) * E;
       cuda_detail::
@@ -560,8 +575,8 @@ class CudaEngine {
     if constexpr (expert_choice) {
       if (T > 0) {  // after the reductions: the counts are the selection's, not the forward's zeros
         cuda_detail::expert_choice_select_kernel<<<unsigned(E), cuda_detail::plan_threads, 0, stream_>>>(
-            bias ? keys_t_.data() : scores_t_.data(), scores_t_.data(), int(T), int(E), int(k), c.scaling,
-            out.ids.data(), out.gates.data(), out.counts.data(),
+            bias || logit_offset ? keys_t_.data() : scores_t_.data(), scores_t_.data(), int(T), int(E), int(k),
+            c.scaling, out.ids.data(), out.gates.data(), out.counts.data(),
             out.global_counts.empty() ? nullptr : out.global_counts.data(), seq_len,
             seq ? out.seq_counts.data() : nullptr);
         MOEROUTE_CUDA_CHECK_LAUNCH();
@@ -689,15 +704,15 @@ class CudaEngine {
   template <class B, class C, LogitElement L>
   void route_device(MatrixView<const L> x, const RouterConfig& c, index_t k, B& bal, C& comm, bool training,
                     RoutingView& out) {
-    static_assert(!detail::has_logit_offset<B>,
-                  "CudaBackend: balancers with a logit-space selection offset (Sinkhorn) are not supported on the GPU");
     if constexpr (cuda_detail::device_balancing<B, C>) {
       route_balanced(x, c, k, bal, comm, training, out);
       return;
     }
     const index_t T = x.rows, E = x.cols;
-    reserve(T, E, 0, detail::has_selection_bias<B>);
+    reserve(T, E, 0, detail::has_selection_bias<B> || detail::has_logit_offset<B>);
     const float* bias = nullptr;
+    const float* offset = nullptr;
+    if constexpr (detail::has_logit_offset<B>) offset = logit_offset_of(x, c, bal, training);
     if constexpr (detail::has_selection_bias<B>) {
       host_bias_.assign(std::size_t(E), 0.0f);
       bal.selection_bias(std::span<float>(host_bias_));
@@ -707,7 +722,7 @@ class CudaEngine {
     constexpr bool host_stats = detail::has_aux_loss<B> || detail::has_observe<B> || !std::is_same_v<C, NoComm>;
     // per-sequence statistics (local sequences: they are not all-reduced), as Router on the CPU
     out.sequence_length = sequence_length_of<B>(c, T);
-    forward(x, c, k, out, bias, host_stats);
+    forward(x, c, k, out, bias, host_stats, offset);
     out.global_tokens = T;
     out.global_lse_sq_sum = 0.0;
     out.aux_loss = 0.0f;
@@ -961,11 +976,12 @@ class CudaEngine {
     db.observe(bal, st, stream_);
   }
 
-  /// RoutingView::sequence_length of a route with balancer B (0: no per-sequence statistics).
+  /// RoutingView::sequence_length of a route with balancer B, as Router sets it on the CPU
+  /// (0: no per-sequence statistics, or an empty batch that is one sequence).
   template <class B>
   static index_t sequence_length_of(const RouterConfig& c, index_t T) noexcept {
     if constexpr (detail::needs_sequence_stats<B>)
-      return c.sequence_length > 0 ? c.sequence_length : std::max<index_t>(T, 1);
+      return c.sequence_length > 0 ? c.sequence_length : T;
     else
       return 0;
   }
@@ -1043,6 +1059,36 @@ class CudaEngine {
     return aux;
   }
 
+  /// A balancer's logit-space selection offset (Sinkhorn), formed by its host hook from the
+  /// batch's logits. In training they are copied back (one synchronisation), rejected as the
+  /// CPU router rejects them (non_finite_error before the balancer sees anything) and given
+  /// to the hook as fp32 with the NaN policy applied; outside training the hook sees an empty
+  /// batch and nothing is copied. Returns the uploaded device offset, or null when the hook
+  /// declines (then routing is plain, as on the CPU).
+  template <class B, LogitElement L>
+  const float* logit_offset_of(MatrixView<const L> x, const RouterConfig& c, B& bal, bool training) {
+    using LT = std::remove_const_t<L>;
+    const index_t T = x.rows, E = x.cols;
+    MatrixView<const float> z(static_cast<const float*>(nullptr), 0, E);
+    if (training && T > 0) {
+      const std::size_t row_bytes = std::size_t(E) * sizeof(LT);
+      pinned_logits_.reserve(std::size_t(T) * row_bytes);
+      MOEROUTE_CUDA_CHECK(cudaMemcpy2DAsync(pinned_logits_.data(), row_bytes, x.data,
+                                            std::size_t(x.stride) * sizeof(LT), row_bytes, std::size_t(T),
+                                            cudaMemcpyDeviceToHost, stream_));
+      MOEROUTE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      const MatrixView<const LT> hx(reinterpret_cast<const LT*>(pinned_logits_.data()), T, E);
+      detail::check_finite(hx, c.non_finite);
+      host_logits_.resize(std::size_t(T * E));
+      for (index_t t = 0; t < T; ++t) detail::load_row(hx, t, c.non_finite, host_logits_.data() + t * E);
+      z = MatrixView<const float>(host_logits_.data(), T, E);
+    }
+    host_offset_.assign(std::size_t(E), 0.0f);
+    if (!bal.selection_logit_offset(z, std::span<float>(host_offset_), training)) return nullptr;
+    stage_upload(bias_.data(), host_offset_.data(), E);
+    return bias_.data();
+  }
+
   /// Copies n host floats to the device through a pinned staging buffer, asynchronously;
   /// waits only for the previous upload to have left the staging buffer.
   void stage_upload(float* dst, const float* src, index_t n) {
@@ -1114,6 +1160,9 @@ class CudaEngine {
   cuda_detail::PinnedArray<float> pinned_seq_f32_;
   // host copies of the last route's global statistics (for the balancers' host hooks)
   std::vector<float> host_bias_, host_dprob_, host_dprob_seq_, g_probs_, g_seq_probs_;
+  // a logit-space offset's host hook (Sinkhorn): the batch's logits, as copied and as fp32
+  cuda_detail::PinnedArray<std::byte> pinned_logits_;
+  std::vector<float> host_logits_, host_offset_;
   std::vector<std::int64_t> g_counts_, red_i64_, g_seq_counts_;
   AuxGradient host_grad_;
   index_t seq_len_ = 0;

@@ -279,13 +279,15 @@ struct ForwardParams {
   index_t segment = 0;
   int blocks_per_segment = 0;
   const float* bias = nullptr;  ///< [E] score-space selection bias, or null
+  /// `bias` is a logit-space offset (Sinkhorn): the selection key is z + bias, not s + bias.
+  bool bias_on_logits = false;
   bool renormalize = false;
   float scaling = 1.0f;
   bool nan_as_neg_inf = false;
   std::int32_t* ids = nullptr;        ///< [T, k]
   float* gates = nullptr;             ///< [T, k]
   float* scores_t = nullptr;          ///< expert choice: the scores, [E, T]
-  float* keys_t = nullptr;            ///< expert choice: scores + bias, [E, T] (null without a bias)
+  float* keys_t = nullptr;            ///< expert choice: the keys, [E, T] (null without a bias)
   double* part_prob = nullptr;        ///< [blocks, E] per-block Σ p
   int* part_count = nullptr;          ///< [blocks, E] per-block counts
   double* part_lse = nullptr;         ///< [blocks] per-block Σ lse²
@@ -372,15 +374,16 @@ __global__ void __launch_bounds__(256) route_forward_kernel(ForwardParams<L> P) 
         const int e = 32 * r + lane;
         if (e >= E) continue;
         P.scores_t[index_t(e) * P.T + t] = s[r];
-        if (P.keys_t) P.keys_t[index_t(e) * P.T + t] = __fadd_rn(s[r], bias[r]);
+        if (P.keys_t) P.keys_t[index_t(e) * P.T + t] = __fadd_rn(P.bias_on_logits ? z[r] : s[r], bias[r]);
       }
     } else {
-      // top-k of key = s + b: k rounds of a warp arg-max under (key desc, index asc)
+      // top-k of key = s + b (z + b for a logit-space offset): k rounds of a warp arg-max
+      // under (key desc, index asc)
       float key[VPT];
       bool taken[VPT];
 #pragma unroll(VPT <= 16 ? VPT : 1)
       for (int r = 0; r < VPT; ++r) {
-        key[r] = P.bias ? __fadd_rn(s[r], bias[r]) : s[r];
+        key[r] = P.bias ? __fadd_rn(P.bias_on_logits ? z[r] : s[r], bias[r]) : s[r];
         taken[r] = 32 * r + lane >= E;
       }
       if constexpr (grouped) warp_keep_top_groups<Se>(key, group, per_group, taken);
@@ -997,10 +1000,12 @@ struct device_potential<Power<X>> : std::true_type {};
 template <auto X>
 struct device_potential<Tsallis<X>> : std::true_type {};
 
-/// An update rule with a device form (φ: Ema, NoMemory; Loss-Free: SignStep, ProportionalStep).
+/// The update rules with a device form: φ's Ema and NoMemory, Loss-Free's SignStep and
+/// ProportionalStep (any other pairing keeps the host hooks).
 template <class R>
-inline constexpr bool device_rule = std::is_same_v<R, Ema> || std::is_same_v<R, NoMemory> ||
-                                    std::is_same_v<R, SignStep> || std::is_same_v<R, ProportionalStep>;
+inline constexpr bool device_phi_rule = std::is_same_v<R, Ema> || std::is_same_v<R, NoMemory>;
+template <class R>
+inline constexpr bool device_loss_free_rule = std::is_same_v<R, SignStep> || std::is_same_v<R, ProportionalStep>;
 
 /// ∇φ(m) as Pot::gradient computes it on the host.
 template <class Pot>
@@ -1034,8 +1039,9 @@ __device__ inline long long d_tokens(const DeviceStats& s) { return s.tokens_dev
 // experts i, i + reduce_threads, ... Every per-expert result is the host's element-wise
 // formula. The fp64 sums the host forms in expert order (losses, means) are formed the same
 // way: the block writes the terms into dynamic shared memory (balance_smem(E) bytes) and
-// thread 0 adds them in order, so from the same statistics the losses and biases are the
-// host's bit for bit too.
+// thread 0 adds them in order, so from the same statistics these losses and biases are the
+// host's bit for bit too (the sequence-wise loss, summed per sequence by a tree, agrees
+// within rounding; its coefficients are exact).
 
 /// Dynamic shared memory of a balancer kernel: one fp64 term per expert (E <= 4096: 32 KiB).
 inline constexpr std::size_t balance_smem(index_t E) { return std::size_t(E) * sizeof(double); }
