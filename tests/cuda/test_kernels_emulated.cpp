@@ -571,6 +571,94 @@ void run_sequences(index_t T, index_t E, index_t k, index_t L, unsigned seed) {
 
 }  // namespace
 
+TEST_CASE("emulated CUDA balancing: the sequence-wise loss and PhiBias's bias against the host balancers") {
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int> cnt(0, 40);
+  std::uniform_real_distribution<float> prob(0.0f, 30.0f);
+  const index_t E = 37, S = 5, L = 64;  // E: one full and one partial stride of the block
+  std::vector<std::int64_t> seq_counts(std::size_t(S * E));
+  std::vector<float> seq_probs(std::size_t(S * E));
+  for (auto& v : seq_counts) v = cnt(rng);
+  for (auto& v : seq_probs) v = prob(rng);
+  for (index_t e = 0; e < E; ++e) seq_counts[std::size_t(2 * E + e)] = 0;  // a sequence with no assignment
+  const PerSequenceSwitchAux host(E, {.alpha = 3e-3f});
+  for (const long long global_tokens : {S * L, 3 * S * L}) {  // local, and three ranks' worth
+    CAPTURE(global_tokens);
+    BalanceStats hs;
+    hs.tokens = global_tokens;
+    hs.local_tokens = S * L;
+    hs.experts = E;
+    hs.sequence_length = L;
+    hs.seq_counts = seq_counts;
+    hs.seq_prob_sums = seq_probs;
+    std::vector<float> hdseq(seq_counts.size(), 0.0f);
+    AuxGradient g;
+    g.dprob_seq = hdseq;
+    g.sequence_length = L;
+    const float want = host.aux_loss(hs, g);
+    CHECK(want > 0.0f);
+
+    cd::DeviceStats s;
+    s.E = int(E);
+    s.tokens = S * L;
+    const long long tokens_device = global_tokens;
+    if (global_tokens != S * L) s.tokens_device = &tokens_device;  // the count only on the device
+    s.seq_counts = seq_counts.data();
+    s.seq_prob_sums = seq_probs.data();
+    s.sequence_length = L;
+    s.sequences = int(S);
+    std::vector<float> dseq(seq_counts.size(), 0.0f);
+    std::vector<double> scratch(static_cast<std::size_t>(S));
+    float loss = 0.0f;
+    emu::launch(dim3(unsigned(S)), dim3(cd::reduce_threads), 0,
+                [&] { cd::seq_aux_kernel(s, host.config().alpha, dseq.data(), scratch.data()); });
+    emu::launch(dim3(1), dim3(1), 0, [&] { cd::seq_aux_loss_kernel(s, host.config().alpha, scratch.data(), &loss); });
+    CHECK(dseq == hdseq);  // element-wise: exact
+    CHECK(std::fabs(loss - want) <= 1e-6f * want);
+  }
+
+  // PhiBias: the host balancer's load estimate after a few steps, its bias on the device
+  const auto phi_bias = [&](auto pot) {
+    using Pot = decltype(pot);
+    PhiBias<Pot> h(E, {.tau = 0.3f});
+    std::vector<std::int64_t> counts(static_cast<std::size_t>(E));
+    std::vector<float> probs(static_cast<std::size_t>(E));
+    for (int step = 0; step < 3; ++step) {
+      for (auto& v : counts) v = cnt(rng);
+      for (auto& v : probs) v = prob(rng);
+      BalanceStats st;
+      st.tokens = 64;
+      st.local_tokens = 64;
+      st.experts = E;
+      st.counts = counts;
+      st.prob_sums = probs;
+      for (auto c : counts) st.assignments += c;
+      h.observe(st);
+      h.step();
+    }
+    std::vector<float> want(static_cast<std::size_t>(E), 0.0f), got(static_cast<std::size_t>(E));
+    h.selection_bias(want);
+    const std::vector<float> m(h.load_estimate().begin(), h.load_estimate().end());
+    emu::launch(dim3(1), dim3(cd::reduce_threads), cd::balance_smem(E),
+                [&] { cd::phi_bias_kernel<Pot>(int(E), m.data(), h.config().tau, got.data()); });
+    CHECK(got == want);  // bit for bit
+    CHECK(*std::max_element(want.begin(), want.end()) > 0.0f);
+  };
+  phi_bias(Entropy{});
+  phi_bias(Squared{});
+
+  // two biases summed in member order
+  const std::size_t n = static_cast<std::size_t>(E);
+  std::vector<float> b1(n), b2(n), sum(n, 0.0f), want(n, 0.0f);
+  for (auto& v : b1) v = prob(rng) - 15.0f;
+  for (auto& v : b2) v = 1e-3f * (prob(rng) - 15.0f);
+  for (const auto* b : {&b1, &b2}) {
+    emu::launch(dim3(2), dim3(32), 0, [&] { cd::bias_add_kernel(int(E), b->data(), sum.data()); });
+    for (index_t e = 0; e < E; ++e) want[std::size_t(e)] += (*b)[std::size_t(e)];
+  }
+  CHECK(sum == want);
+}
+
 TEST_CASE("emulated CUDA kernels: per-sequence statistics and the sequence-wise loss's backward") {
   run_sequences<Softmax>(30, 16, 2, 10, 41);  // sequences end inside a block's token range
   run_sequences<Sigmoid>(32, 64, 8, 8, 42);   // sequences of exactly two blocks
