@@ -160,6 +160,22 @@ struct FixedAux {
   }
 };
 
+/// A logit-space offset that reads the batch and applies outside training too:
+/// c_e = −mean_t z_{t,e}.
+struct MeanOffset {
+  struct Config {};
+  static constexpr const char* name = "mean_offset";
+  MeanOffset(index_t, const Config&) {}
+  bool selection_logit_offset(MatrixView<const float> z, std::span<float> c, bool) const {
+    for (index_t e = 0; e < z.cols; ++e) {
+      double m = 0.0;
+      for (index_t t = 0; t < z.rows; ++t) m += z.row_ptr(t)[e];
+      c[std::size_t(e)] = float(-m / double(std::max<index_t>(z.rows, 1)));
+    }
+    return true;
+  }
+};
+
 }  // namespace cuda_test
 using cuda_test::FixedAux;
 using cuda_test::FixedBias;
@@ -516,7 +532,7 @@ TEST_CASE("cuda: built-in balancers on the device follow the CPU over steps (sta
   // pairings without an exact device form keep the host hooks
   static_assert(!cuda_detail::device_balancing<PhiBias<Power<3>>, NoComm>);
   static_assert(!cuda_detail::device_balancing<PhiBalancing<Entropy, SignStep>, NoComm>);
-  static_assert(!cuda_detail::device_balancing<Balancers<LossFree<>, Sinkhorn>, NoComm>);
+  static_assert(!cuda_detail::device_balancing<Balancers<Sinkhorn, ZLoss>, NoComm>);
 }
 
 TEST_CASE("cuda: an empty batch with device-side balancing routes nothing and matches the CPU") {
@@ -663,6 +679,33 @@ TEST_CASE("cuda: Sinkhorn selection through its host hook equals the reference")
   Router<TopK<2>, Sinkhorn, CudaBackend> capped(cfg, {.tol = 1e-12, .max_iters = 1});
   CHECK_THROWS_AS(capped.route(xv, gv), sinkhorn_error);
   CHECK(capped.balancer().batches() == 0);
+
+  // fp16 logits in a strided view come back row by row
+  const index_t stride = E + 3;
+  std::vector<float16> h16(std::size_t(T * stride), float16(0.0f));
+  for (index_t t = 0; t < T; ++t)
+    for (index_t e = 0; e < E; ++e) h16[std::size_t(t * stride + e)] = float16(z[std::size_t(t * E + e)]);
+  Dev<float16> d16(h16);
+  Router<TopK<2>, Sinkhorn, ReferenceBackend> ref16(cfg);
+  Router<TopK<2>, Sinkhorn, CudaBackend> gpu16(cfg);
+  RoutingBuffers rb16;
+  RoutingView rv16 = ref16.make_output(rb16, T);
+  ref16.route(MatrixView<const float16>(h16.data(), T, E, stride), rv16);
+  gpu16.route(MatrixView<const float16>(d16.p, T, E, stride), gv);
+  CHECK(dr.ids.download() == std::vector<std::int32_t>(rv16.ids.begin(), rv16.ids.end()));
+  CHECK(std::equal(gpu16.balancer().column_scaling().begin(), gpu16.balancer().column_scaling().end(),
+                   ref16.balancer().column_scaling().begin()));
+
+  // a user offset that applies outside training too sees the whole batch there as well
+  Router<TopK<2>, cuda_test::MeanOffset, ReferenceBackend> mref(cfg);
+  Router<TopK<2>, cuda_test::MeanOffset, CudaBackend> mgpu(cfg);
+  mref.set_training(false);
+  mgpu.set_training(false);
+  mref.route(hx, rv);
+  mgpu.route(xv, gv);
+  CHECK(dr.ids.download() == std::vector<std::int32_t>(rv.ids.begin(), rv.ids.end()));
+  CHECK(std::vector<std::int32_t>(rv.ids.begin(), rv.ids.end()) !=
+        std::vector<std::int32_t>(pv.ids.begin(), pv.ids.end()));
 }
 
 TEST_CASE("cuda: ExpertChoice equals the reference (token lists, ties, C > T, every scoring, bf16, bias, aux terms)") {

@@ -108,6 +108,9 @@ class Sinkhorn {
     SinkhornOnNoConvergence on_no_convergence = SinkhornOnNoConvergence::error;
   };
   static constexpr const char* name = "sinkhorn";
+  /// The offset applies in training only: outside training selection_logit_offset returns
+  /// false without reading the logits (a device backend then copies none back).
+  static constexpr bool offset_in_training_only = true;
 
   /// Sinkhorn with the default settings.
   explicit Sinkhorn(index_t num_experts) : Sinkhorn(num_experts, Config{}) {}

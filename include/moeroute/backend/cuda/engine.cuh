@@ -406,6 +406,16 @@ struct DeviceBalancer<Balancers<Bs...>> {
   }
 };
 
+/// Whether a balancer's logit-space offset applies in training only, so that outside training
+/// its hook needs no logits (it declares `static constexpr bool offset_in_training_only`).
+template <class B>
+inline constexpr bool offset_in_training_only = requires {
+  requires B::offset_in_training_only;
+};
+template <class... Bs>
+inline constexpr bool offset_in_training_only<Balancers<Bs...>> = ((!detail::has_logit_offset<Bs> ||
+                                                                    offset_in_training_only<Bs>)&&...);
+
 /// Whether a balancer reads Σ lse² (the z-loss), so the forward must compute it.
 template <class B>
 inline constexpr bool reads_lse = std::is_same_v<B, ZLoss>;
@@ -491,26 +501,10 @@ class CudaEngine {
                bool with_lse = false, const float* logit_offset = nullptr) {
     using LT = std::remove_const_t<L>;
     const index_t T = x.rows, E = x.cols;
-    detail::require(E >= 1 && E <= max_experts, "logits", "E = ", E, " must be in [1, ", max_experts, "]");
-    // the kernels index with int: every index and loop bound stays below 2^31 - 1024
-    constexpr index_t int_limit = index_t(INT32_MAX) - 1024;
-    if constexpr (expert_choice) {
-      detail::require(T > 0 ? k >= 1 : k == 0, "k", "capacity C = ", k, " must be >= 1 (0 for an empty batch)");
-      detail::require(T <= int_limit / E && k <= int_limit / E, "logits", "T = ", T, " tokens (capacity ", k,
-                      ") are too many for E = ", E);
-    } else {
-      detail::require(k >= 1 && k <= std::min<index_t>(E, max_top_k), "k", "k = ", k, " must be in [1, min(E, 64)]");
-      detail::require(T <= int_limit / k, "logits", "T = ", T, " is too large");
-    }
+    check_shape(T, E, k);
     detail::require(!(bias && logit_offset), "logit_offset",
                     "a selection bias and a logit-space offset exclude each other");
-    const index_t rows = expert_choice ? E : T;               // of ids and gates
-    if constexpr (cuda_detail::group_selection<Se>::value) {  // groups must divide E and supply k experts
-      RouterConfig gc;
-      gc.num_experts = E;
-      gc.top_k = k;
-      Se::validate(gc);
-    }
+    const index_t rows = expert_choice ? E : T;  // of ids and gates
     detail::check_span(out.ids, "out.ids", rows * k);
     detail::check_span(out.gates, "out.gates", rows * k);
     detail::check_span(out.counts, "out.counts", E);
@@ -708,11 +702,19 @@ class CudaEngine {
       route_balanced(x, c, k, bal, comm, training, out);
       return;
     }
+    static_assert(!(detail::has_selection_bias<B> && detail::has_logit_offset<B>),
+                  "CudaBackend: a balancer sets either a score-space selection bias or a logit-space offset, not both");
     const index_t T = x.rows, E = x.cols;
     reserve(T, E, 0, detail::has_selection_bias<B> || detail::has_logit_offset<B>);
     const float* bias = nullptr;
     const float* offset = nullptr;
-    if constexpr (detail::has_logit_offset<B>) offset = logit_offset_of(x, c, bal, training);
+    if constexpr (detail::has_logit_offset<B>) {
+      static_assert(detail::logit_offset_returns_bool<B>,
+                    "Router: a balancer's selection_logit_offset(z, c, training) must return bool (whether the "
+                    "offset applies to this batch)");
+      check_shape(T, E, k);  // before the hook records the batch
+      offset = logit_offset_of(x, c, bal, training);
+    }
     if constexpr (detail::has_selection_bias<B>) {
       host_bias_.assign(std::size_t(E), 0.0f);
       bal.selection_bias(std::span<float>(host_bias_));
@@ -863,6 +865,27 @@ class CudaEngine {
   void invalidate_state() noexcept { dev_bal_ready_ = false; }
 
  private:
+  /// The shape checks of forward (E, k or the capacity, the int indexing limits, the groups).
+  static void check_shape(index_t T, index_t E, index_t k) {
+    detail::require(E >= 1 && E <= max_experts, "logits", "E = ", E, " must be in [1, ", max_experts, "]");
+    // the kernels index with int: every index and loop bound stays below 2^31 - 1024
+    constexpr index_t int_limit = index_t(INT32_MAX) - 1024;
+    if constexpr (expert_choice) {
+      detail::require(T > 0 ? k >= 1 : k == 0, "k", "capacity C = ", k, " must be >= 1 (0 for an empty batch)");
+      detail::require(T <= int_limit / E && k <= int_limit / E, "logits", "T = ", T, " tokens (capacity ", k,
+                      ") are too many for E = ", E);
+    } else {
+      detail::require(k >= 1 && k <= std::min<index_t>(E, max_top_k), "k", "k = ", k, " must be in [1, min(E, 64)]");
+      detail::require(T <= int_limit / k, "logits", "T = ", T, " is too large");
+    }
+    if constexpr (cuda_detail::group_selection<Se>::value) {  // groups must divide E and supply k experts
+      RouterConfig gc;
+      gc.num_experts = E;
+      gc.top_k = k;
+      Se::validate(gc);
+    }
+  }
+
   struct Launch {
     int warps = 8;
     int tokens_per_warp = 1;
@@ -1060,17 +1083,18 @@ class CudaEngine {
   }
 
   /// A balancer's logit-space selection offset (Sinkhorn), formed by its host hook from the
-  /// batch's logits. In training they are copied back (one synchronisation), rejected as the
-  /// CPU router rejects them (non_finite_error before the balancer sees anything) and given
-  /// to the hook as fp32 with the NaN policy applied; outside training the hook sees an empty
-  /// batch and nothing is copied. Returns the uploaded device offset, or null when the hook
+  /// batch's logits: they are copied back (one synchronisation), rejected as the CPU router
+  /// rejects them (non_finite_error before the balancer sees anything) and given to the hook
+  /// as fp32 with the NaN policy applied. A balancer whose offset applies in training only
+  /// (cuda_detail::offset_in_training_only, Sinkhorn) sees an empty batch outside training,
+  /// and nothing is copied. Returns the uploaded device offset, or null when the hook
   /// declines (then routing is plain, as on the CPU).
   template <class B, LogitElement L>
   const float* logit_offset_of(MatrixView<const L> x, const RouterConfig& c, B& bal, bool training) {
     using LT = std::remove_const_t<L>;
     const index_t T = x.rows, E = x.cols;
     MatrixView<const float> z(static_cast<const float*>(nullptr), 0, E);
-    if (training && T > 0) {
+    if (T > 0 && (training || !cuda_detail::offset_in_training_only<B>)) {
       const std::size_t row_bytes = std::size_t(E) * sizeof(LT);
       pinned_logits_.reserve(std::size_t(T) * row_bytes);
       MOEROUTE_CUDA_CHECK(cudaMemcpy2DAsync(pinned_logits_.data(), row_bytes, x.data,
