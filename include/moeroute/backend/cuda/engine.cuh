@@ -15,7 +15,8 @@
 // balancer state then lives on the device (download_state, aux_loss_device). A non-finite
 // logit is recorded on the device; `check_errors()` (which synchronises) throws the same
 // non_finite_error as the CPU backends. Other balancers and communicators are supported
-// through their host hooks: route then copies the statistics to the host and synchronises once.
+// through their host hooks: route then copies the statistics to the host and synchronises once
+// (a logit-space offset, Sinkhorn, gets the batch's logits copied back for its hook).
 #pragma once
 
 #include <cuda_runtime.h>
