@@ -505,7 +505,8 @@ class CudaEngine {
     check_shape(T, E, k);
     detail::require(!(bias && logit_offset), "logit_offset",
                     "a selection bias and a logit-space offset exclude each other");
-    const index_t rows = expert_choice ? E : T;  // of ids and gates
+    const float* key_bias = logit_offset ? logit_offset : bias;  // what the selection key adds
+    const index_t rows = expert_choice ? E : T;                  // of ids and gates
     detail::check_span(out.ids, "out.ids", rows * k);
     detail::check_span(out.gates, "out.gates", rows * k);
     detail::check_span(out.counts, "out.counts", E);
@@ -520,7 +521,7 @@ class CudaEngine {
       detail::check_span(out.seq_counts, "out.seq_counts", sequences * E);
       detail::check_span(out.seq_prob_sums, "out.seq_prob_sums", sequences * E);
     }
-    reserve(T, E, seq_len, bias || logit_offset);
+    reserve(T, E, seq_len, key_bias != nullptr);
     const Launch l = launch_of(T, E, seq_len);
     if (T > 0) {
       cuda_detail::ForwardParams<LT> P;
@@ -532,7 +533,7 @@ class CudaEngine {
       P.tokens_per_warp = l.tokens_per_warp;
       P.segment = l.segment;
       P.blocks_per_segment = int(l.blocks_per_segment);
-      P.bias = logit_offset ? logit_offset : bias;
+      P.bias = key_bias;
       P.bias_on_logits = logit_offset != nullptr;
       P.renormalize = c.renormalize;
       P.scaling = c.scaling;
@@ -541,7 +542,7 @@ class CudaEngine {
       P.gates = out.gates.data();
       if constexpr (expert_choice) {
         P.scores_t = scores_t_.data();
-        P.keys_t = P.bias ? keys_t_.data() : nullptr;
+        P.keys_t = key_bias ? keys_t_.data() : nullptr;
       }
       P.part_prob = part_prob_.data();
       P.part_count = part_count_.data();
@@ -570,8 +571,8 @@ class CudaEngine {
     if constexpr (expert_choice) {
       if (T > 0) {  // after the reductions: the counts are the selection's, not the forward's zeros
         cuda_detail::expert_choice_select_kernel<<<unsigned(E), cuda_detail::plan_threads, 0, stream_>>>(
-            bias || logit_offset ? keys_t_.data() : scores_t_.data(), scores_t_.data(), int(T), int(E), int(k),
-            c.scaling, out.ids.data(), out.gates.data(), out.counts.data(),
+            key_bias ? keys_t_.data() : scores_t_.data(), scores_t_.data(), int(T), int(E), int(k), c.scaling,
+            out.ids.data(), out.gates.data(), out.counts.data(),
             out.global_counts.empty() ? nullptr : out.global_counts.data(), seq_len,
             seq ? out.seq_counts.data() : nullptr);
         MOEROUTE_CUDA_CHECK_LAUNCH();
@@ -1104,9 +1105,7 @@ class CudaEngine {
       MOEROUTE_CUDA_CHECK(cudaStreamSynchronize(stream_));
       const MatrixView<const LT> hx(reinterpret_cast<const LT*>(pinned_logits_.data()), T, E);
       detail::check_finite(hx, c.non_finite);
-      host_logits_.resize(std::size_t(T * E));
-      for (index_t t = 0; t < T; ++t) detail::load_row(hx, t, c.non_finite, host_logits_.data() + t * E);
-      z = MatrixView<const float>(host_logits_.data(), T, E);
+      z = detail::load_rows(hx, c.non_finite, host_logits_);
     }
     host_offset_.assign(std::size_t(E), 0.0f);
     if (!bal.selection_logit_offset(z, std::span<float>(host_offset_), training)) return nullptr;

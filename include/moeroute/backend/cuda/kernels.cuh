@@ -1116,13 +1116,7 @@ __global__ void __launch_bounds__(reduce_threads)
   const float* probs = s.seq_prob_sums + index_t(q) * E;
   long long a = 0;
   for (int e = i; e < E; e += reduce_threads) a += counts[e];
-  sa[i] = a;
-  __syncthreads();
-  for (int h = reduce_threads / 2; h > 0; h >>= 1) {
-    if (i < h) sa[i] += sa[i + h];
-    __syncthreads();
-  }
-  const long long assigned = sa[0], tokens = d_tokens(s);
+  const long long assigned = block_sum_i64(a, sa), tokens = d_tokens(s);
   const double L = double(s.sequence_length);
   double l = 0.0;
   if (assigned > 0 && tokens > 0) {

@@ -42,6 +42,15 @@ inline void load_row(MatrixView<const L> x, index_t t, NonFinite nf, float* z) {
   }
 }
 
+/// The logits as a contiguous fp32 matrix in `out` (NaN policy applied), for balancers that
+/// need the whole batch (Sinkhorn). Valid while `out` is unchanged.
+template <class L>
+inline MatrixView<const float> load_rows(MatrixView<const L> x, NonFinite nf, std::vector<float>& out) {
+  out.resize(std::size_t(x.rows * x.cols));
+  for (index_t t = 0; t < x.rows; ++t) load_row(x, t, nf, out.data() + t * x.cols);
+  return {out.data(), x.rows, x.cols};
+}
+
 /// Throws non_finite_error for the first logit the policy rejects, or invalid_argument for a
 /// token whose logits are all NaN under nan_as_neg_inf.
 template <class L>
@@ -207,9 +216,7 @@ class ReferenceEngine {
   /// the whole batch (Sinkhorn). Valid until the next call.
   template <class L>
   MatrixView<const float> logits_f32(MatrixView<const L> x, NonFinite nf) {
-    batch_.resize(std::size_t(x.rows * x.cols));
-    for (index_t t = 0; t < x.rows; ++t) load_row(x, t, nf, batch_.data() + t * x.cols);
-    return {batch_.data(), x.rows, x.cols};
+    return load_rows(x, nf, batch_);
   }
 
   template <class L>
