@@ -11,7 +11,7 @@ device-to-device copy bandwidth measured here with torch.
 With --ours PATH (the bench_cuda executable) it runs it in the same script run and prints,
 per case, ours vs eager, ours vs torch.compile and each against the floor.
 
-Usage: /usr/bin/python3 bench/torch_gpu_bench.py --ours build-cuda/bench/bench_cuda [--quick]
+Usage: python3 bench/torch_gpu_bench.py --ours build-cuda/bench/bench_cuda [--quick] [--csv FILE]
 """
 import argparse
 import csv
@@ -58,6 +58,7 @@ def main():
     ap.add_argument("--ours", help="path to the bench_cuda executable")
     ap.add_argument("--quick", action="store_true", help="T in {4096, 65536}, E = 256 only")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    ap.add_argument("--csv", help="also write the table (and bench_cuda's own rows) to this file")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("skipped: no CUDA device")
@@ -71,16 +72,21 @@ def main():
           f"copy bandwidth {bw / 1e9:.0f} GB/s")
 
     ours = {}
+    ours_text = ""
     if args.ours:
         cmd = [args.ours] + (["--quick"] if args.quick else [])
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        ours_text = out
+        print(out, end="")
         rows = [l for l in out.splitlines() if l and not l.startswith("#")]
         for r in csv.DictReader(io.StringIO("\n".join(rows))):
             ours[(r["dtype"], int(r["T"]), int(r["E"]), r["op"])] = float(r["us"])
 
     compiled = None if args.no_compile else torch.compile(route)
-    print("dtype,T,E,k,floor_us,eager_us,compile_us,ours_us,ours_graph_us,"
-          "eager/ours,compile/ours,ours/floor,compile/floor")
+    header = ("dtype,T,E,k,floor_us,eager_us,compile_us,ours_us,ours_graph_us,"
+              "eager/ours,compile/ours,ours/floor,compile/floor")
+    table = [header]
+    print(header)
     for T in Ts:
         for E in Es:
             for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
@@ -91,9 +97,16 @@ def main():
                 floor = (T * E * x.element_size() + T * k * 8) / bw * 1e6
                 o = ours.get((name, T, E, "forward"), float("nan"))
                 og = ours.get((name, T, E, "forward_graph"), float("nan"))
-                print(f"{name},{T},{E},{k},{floor:.2f},{eager:.2f},{comp:.2f},{o:.2f},{og:.2f},"
-                      f"{eager / o:.2f},{comp / o:.2f},{o / floor:.2f},{comp / floor:.2f}")
+                row = (f"{name},{T},{E},{k},{floor:.2f},{eager:.2f},{comp:.2f},{o:.2f},{og:.2f},"
+                       f"{eager / o:.2f},{comp / o:.2f},{o / floor:.2f},{comp / floor:.2f}")
+                table.append(row)
+                print(row)
                 sys.stdout.flush()
+    if args.csv:
+        with open(args.csv, "w") as f:
+            f.write("\n".join(table) + "\n")
+            if ours_text:
+                f.write("\n# bench_cuda\n" + ours_text)
     return 0
 
 

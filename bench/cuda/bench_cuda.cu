@@ -17,7 +17,7 @@
 // The memory floor of a call is its compulsory DRAM traffic (logits read once, outputs
 // written once) divided by the device-to-device copy bandwidth measured here.
 // Output: one CSV row per case on stdout (header first); --quick runs T = 4096 and 65536,
-// E = 256 only.
+// E = 256 only; --help prints the usage.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -274,11 +274,19 @@ void run_case(cudaStream_t s, double bw, const char* dtype, index_t T, index_t E
 }  // namespace
 
 int main(int argc, char** argv) {
+  bool quick = false;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--quick") == 0) {
+      quick = true;
+    } else {
+      std::fprintf(stderr, "usage: %s [--quick]\n", argv[0]);
+      return std::strcmp(argv[i], "--help") == 0 ? 0 : 2;
+    }
+  }
   if (cuda_device_count() == 0) {
     std::puts("skipped: no CUDA device");
     return 0;
   }
-  const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
   cudaDeviceProp prop{};
   MOEROUTE_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   cudaStream_t s;

@@ -12,4 +12,4 @@ cmake --build "$build" -j "$(nproc)" --target bench_cpu bench_cuda
 echo "== CPU (CpuBackend, this machine's cores) =="
 if [ "$quick" = "--quick" ]; then "$build/bench/bench_cpu" --quick; else "$build/bench/bench_cpu"; fi
 echo "== GPU (CudaBackend) vs PyTorch eager / torch.compile on the same GPU =="
-/usr/bin/python3 "$root/bench/torch_gpu_bench.py" --ours "$build/bench/bench_cuda" $quick
+"${PYTHON:-python3}" "$root/bench/torch_gpu_bench.py" --ours "$build/bench/bench_cuda" $quick

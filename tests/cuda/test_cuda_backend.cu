@@ -8,6 +8,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
+#include <limits>
 #include <moeroute/backend/cuda/engine.cuh>
 #include <moeroute/moeroute.hpp>
 #include <random>
@@ -26,10 +28,20 @@ constexpr bool emulated = true;
 #else
 constexpr bool emulated = false;
 #endif
-/// The token count of a case: T on a GPU, at most 24 in emulation.
-index_t tokens(index_t T) { return emulated ? std::min<index_t>(T, 24) : T; }
-/// The token count of a case: `gpu` on a GPU, `emu` in emulation.
-index_t tokens(index_t gpu, index_t emu) { return emulated ? emu : gpu; }
+/// At most this many tokens per case on a GPU: MOEROUTE_TEST_MAX_TOKENS when set (the
+/// runs under compute-sanitizer cap the largest shapes to stay short), else no limit.
+index_t gpu_token_cap() {
+  static const index_t cap = [] {
+    const char* v = std::getenv("MOEROUTE_TEST_MAX_TOKENS");
+    const long long n = v ? std::atoll(v) : 0;
+    return n > 0 ? index_t(n) : std::numeric_limits<index_t>::max();
+  }();
+  return cap;
+}
+/// The token count of a case: T on a GPU (capped as above), at most 24 in emulation.
+index_t tokens(index_t T) { return std::min<index_t>(T, emulated ? 24 : gpu_token_cap()); }
+/// The token count of a case: `gpu` on a GPU (capped as above), `emu` in emulation.
+index_t tokens(index_t gpu, index_t emu) { return emulated ? emu : std::min(gpu, gpu_token_cap()); }
 
 bool cuda_ready() {
   static const int n = cuda_device_count();
@@ -570,6 +582,7 @@ namespace {
 /// NoComm, through the host hooks with a host communicator (Comm = HostRanks).
 template <class Se, class Sc, class Comm = NoComm>
 void sequence_steps(index_t T, index_t E, index_t L) {
+  if (L > 0) T -= T % L;  // whole sequences when a token cap shortened the batch
   CAPTURE(T);
   CAPTURE(E);
   CAPTURE(L);
