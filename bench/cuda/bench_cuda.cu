@@ -158,6 +158,7 @@ void run_case(cudaStream_t s, double bw, const char* dtype, index_t T, index_t E
   MOEROUTE_CUDA_CHECK(cudaMalloc(&pc, std::size_t(E) * 4));
   MOEROUTE_CUDA_CHECK(cudaMalloc(&po, std::size_t(E + 1) * 4));
   MOEROUTE_CUDA_CHECK(cudaMalloc(&order, std::size_t(T * k) * 4));
+  MOEROUTE_CUDA_CHECK(cudaDeviceSynchronize());  // the setup above ran on the legacy stream, not on s
   MOEROUTE_CUDA_CHECK(cudaMalloc(&pos, std::size_t(T * k) * 4));
 
   RouterConfig cfg;
@@ -205,6 +206,7 @@ void run_case(cudaStream_t s, double bw, const char* dtype, index_t T, index_t E
     float* bias = nullptr;
     MOEROUTE_CUDA_CHECK(cudaMalloc(&bias, std::size_t(E) * 4));
     MOEROUTE_CUDA_CHECK(cudaMemset(bias, 0, std::size_t(E) * 4));
+    MOEROUTE_CUDA_CHECK(cudaDeviceSynchronize());
     CudaEngine<Sigmoid, GroupTopK<8, 8, 4>> geng;
     geng.set_stream(s);
     geng.reserve(T, E);

@@ -29,12 +29,14 @@ constexpr bool emulated = true;
 constexpr bool emulated = false;
 #endif
 /// At most this many tokens per case on a GPU: MOEROUTE_TEST_MAX_TOKENS when set (the
-/// runs under compute-sanitizer cap the largest shapes to stay short), else no limit.
+/// runs under compute-sanitizer cap the largest shapes to stay short), rounded down to a
+/// multiple of 64 (at least 64) so that cases splitting T into sequences still divide it;
+/// else no limit.
 index_t gpu_token_cap() {
   static const index_t cap = [] {
     const char* v = std::getenv("MOEROUTE_TEST_MAX_TOKENS");
     const long long n = v ? std::atoll(v) : 0;
-    return n > 0 ? index_t(n) : std::numeric_limits<index_t>::max();
+    return n > 0 ? std::max<index_t>(64, index_t(n - n % 64)) : std::numeric_limits<index_t>::max();
   }();
   return cap;
 }
@@ -53,7 +55,9 @@ bool cuda_ready() {
   return n > 0;
 }
 
-/// A device copy of a host vector (freed at scope exit).
+/// A device copy of a host vector (freed at scope exit). Its copies and memset run on the
+/// legacy default stream, which does not order itself with the non-blocking streams some
+/// cases route on, so each one is fenced by a device synchronisation.
 template <class T>
 struct Dev {
   T* p = nullptr;
@@ -61,15 +65,19 @@ struct Dev {
   explicit Dev(std::size_t count) : n(count) {
     MOEROUTE_CUDA_CHECK(cudaMalloc(&p, std::max<std::size_t>(n, 1) * sizeof(T)));
     MOEROUTE_CUDA_CHECK(cudaMemset(p, 0, std::max<std::size_t>(n, 1) * sizeof(T)));
+    MOEROUTE_CUDA_CHECK(cudaDeviceSynchronize());
   }
   explicit Dev(const std::vector<T>& h) : Dev(h.size()) { upload(h); }
   Dev(const Dev&) = delete;
   Dev& operator=(const Dev&) = delete;
   ~Dev() { cudaFree(p); }
   void upload(const std::vector<T>& h) {
+    MOEROUTE_CUDA_CHECK(cudaDeviceSynchronize());
     MOEROUTE_CUDA_CHECK(cudaMemcpy(p, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+    MOEROUTE_CUDA_CHECK(cudaDeviceSynchronize());
   }
   std::vector<T> download() const {
+    MOEROUTE_CUDA_CHECK(cudaDeviceSynchronize());
     std::vector<T> h(n);
     MOEROUTE_CUDA_CHECK(cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
     return h;
@@ -639,7 +647,69 @@ TEST_CASE("cuda: per-sequence statistics and the sequence-wise loss (DeepSeek-V3
   sequence_steps<ExpertChoice, Softmax>(tokens(3000, 30), 16, tokens(100, 3));  // Loss-Free's bias in the keys
 }
 
-TEST_CASE("cuda: Sinkhorn selection through its host hook equals the reference") {
+namespace {
+
+/// Sinkhorn's record of the last batch equal bit for bit (d⁰, d¹, iterations, residual).
+void same_sinkhorn_record(const Sinkhorn& gpu, const Sinkhorn& ref) {
+  CHECK(gpu.iterations() == ref.iterations());
+  CHECK(gpu.residual() == ref.residual());
+  CHECK(gpu.converged() == ref.converged());
+  CHECK(gpu.batches() == ref.batches());
+  CHECK(gpu.unconverged_batches() == ref.unconverged_batches());
+  const auto d1 = gpu.column_scaling(), r1 = ref.column_scaling();
+  const auto d0 = gpu.row_scaling(), r0 = ref.row_scaling();
+  CHECK(std::vector<double>(d1.begin(), d1.end()) == std::vector<double>(r1.begin(), r1.end()));
+  CHECK(std::vector<double>(d0.begin(), d0.end()) == std::vector<double>(r0.begin(), r0.end()));
+}
+
+/// Sinkhorn routes of one batch on the device and the reference: ids and the whole record.
+template <class Se = TopK<4>>
+void sinkhorn_batch(index_t T, index_t E, Input kind, unsigned seed, const Sinkhorn::Config& sc) {
+  CAPTURE(T);
+  CAPTURE(E);
+  CAPTURE(sc.max_iters);
+  RouterConfig cfg;
+  cfg.num_experts = E;
+  cfg.top_k = 4;
+  auto z = make_input(kind, T, E, seed);
+  for (index_t t = 0; t < T; ++t)  // skewed towards the high experts, so the offsets matter
+    for (index_t e = 0; e < E; ++e) z[std::size_t(t * E + e)] += 2.0f * float(e) / float(E);
+  Router<Se, Sinkhorn, ReferenceBackend> ref(cfg, sc);
+  Router<Se, Sinkhorn, CudaBackend> gpu(cfg, sc);
+  RoutingBuffers rb;
+  RoutingView rv = ref.make_output(rb, T);
+  DevRouting dr(T, E, 4);
+  RoutingView gv = dr.view();
+  Dev<float> dx(z);
+  for (int step = 0; step < 2; ++step) {  // the second batch starts again from d¹ = 1
+    ref.route(MatrixView<const float>(z.data(), T, E), rv);
+    gpu.route(MatrixView<const float>(dx.p, T, E), gv);
+    CHECK(dr.ids.download() == std::vector<std::int32_t>(rv.ids.begin(), rv.ids.end()));
+    same_sinkhorn_record(gpu.balancer(), ref.balancer());
+  }
+}
+
+}  // namespace
+
+TEST_CASE("cuda: Sinkhorn's device iteration equals the host's bit for bit (chunks, groups of iterations, the cap)") {
+  if (!cuda_ready()) return;
+  // several chunks of 256 tokens, the last one partial
+  sinkhorn_batch(tokens(5000, 600), 16, Input::random, 51, {});
+  // more iterations than one group of launches: the status is read several times
+  sinkhorn_batch(tokens(2048, 40), 64, Input::random, 52,
+                 {.tol = 1e-9, .max_iters = 200, .on_no_convergence = SinkhornOnNoConvergence::report});
+  // the cap inside a group: the launches after it change nothing (report mode)
+  sinkhorn_batch(tokens(1024, 40), 64, Input::random, 53,
+                 {.tol = 1e-15, .max_iters = 13, .on_no_convergence = SinkhornOnNoConvergence::report});
+  // E not a multiple of 32 and above the forward's fast path; ties
+  sinkhorn_batch(tokens(300, 24), 1000, Input::random, 54, {});
+  sinkhorn_batch(tokens(700, 30), 7, Input::ties, 55, {});
+  sinkhorn_batch<GroupTopK<4, 8, 4>>(
+      tokens(700, 30), 64, Input::huge, 56,
+      {.tol = 1e-4, .max_iters = 50, .on_no_convergence = SinkhornOnNoConvergence::report});
+}
+
+TEST_CASE("cuda: Sinkhorn selection (its iteration on the device) equals the reference") {
   if (!cuda_ready()) return;
   // the whole comparison (ids, gates, counts, statistics, backward, dispatch plan)
   compare<Softmax, float, Sinkhorn>(1024, 64, 2, Input::random, false, 1.0f, 41);
@@ -673,10 +743,8 @@ TEST_CASE("cuda: Sinkhorn selection through its host hook equals the reference")
   const auto ids = dr.ids.download();
   CHECK(ids == std::vector<std::int32_t>(rv.ids.begin(), rv.ids.end()));
   CHECK(ids != std::vector<std::int32_t>(pv.ids.begin(), pv.ids.end()));  // the offset moved tokens
-  // the host balancer ran on the same fp32 logits: its record is the reference's
-  CHECK(gpu.balancer().iterations() == ref.balancer().iterations());
-  CHECK(std::equal(gpu.balancer().column_scaling().begin(), gpu.balancer().column_scaling().end(),
-                   ref.balancer().column_scaling().begin()));
+  // the device iteration recorded the reference's batch bit for bit
+  same_sinkhorn_record(gpu.balancer(), ref.balancer());
   CHECK(gpu.balancer().batches() == 1);
 
   // outside training the offset is not applied: plain top-k, nothing recorded
@@ -706,8 +774,7 @@ TEST_CASE("cuda: Sinkhorn selection through its host hook equals the reference")
   ref16.route(MatrixView<const float16>(h16.data(), T, E, stride), rv16);
   gpu16.route(MatrixView<const float16>(d16.p, T, E, stride), gv);
   CHECK(dr.ids.download() == std::vector<std::int32_t>(rv16.ids.begin(), rv16.ids.end()));
-  CHECK(std::equal(gpu16.balancer().column_scaling().begin(), gpu16.balancer().column_scaling().end(),
-                   ref16.balancer().column_scaling().begin()));
+  same_sinkhorn_record(gpu16.balancer(), ref16.balancer());
 
   // a user offset that applies outside training too sees the whole batch there as well
   Router<TopK<2>, cuda_test::MeanOffset, ReferenceBackend> mref(cfg);
@@ -1034,6 +1101,9 @@ TEST_CASE("cuda: a CUDA error is reported with its call site") {
   } catch (const cuda_error& e) {
     CHECK(std::string(e.what()).find("test_cuda_backend.cu") != std::string::npos);
   }
+  // the failed call also set the last error; the check cleared it, so the next launch check
+  // does not report it as its own
+  CHECK(cudaGetLastError() == cudaSuccess);
 }
 
 TEST_CASE("cuda: the usage snippet of README.md (CUDA backend)") {

@@ -9,11 +9,30 @@
 #include <span>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../core.hpp"
+#include "../detail/math.hpp"
 
 namespace moeroute {
+
+namespace detail {
+/// Sinkhorn's column sums run over chunks of this many tokens (each summed in token order,
+/// then the chunks in order), so a GPU block can own a chunk.
+inline constexpr index_t sinkhorn_chunk = 256;
+
+/// Σ_e k_e·d_e in Sinkhorn's row order: 32 interleaved partial sums (partial l takes e ≡ l
+/// mod 32, in increasing e, by fma), combined pairwise as a warp's butterfly does (l with
+/// l + 16, then l + 8, ... 1).
+MOEROUTE_HD inline double sinkhorn_row_sum(const double* k, const double* d, index_t n) noexcept {
+  double p[32] = {};
+  for (index_t e = 0; e < n; ++e) p[e % 32] = fma_f64(k[e], d[e], p[e % 32]);
+  for (int o = 16; o > 0; o >>= 1)
+    for (int l = 0; l < o; ++l) p[l] = p[l] + p[l + o];
+  return p[0];
+}
+}  // namespace detail
 
 /// What Sinkhorn does when the iteration reaches its cap without meeting the tolerance.
 enum class SinkhornOnNoConvergence {
@@ -84,8 +103,9 @@ inline std::ostream& operator<<(std::ostream& os, const SinkhornStats& s) {
 /// piecewise constant. Outside training the offset is not applied: plain top-k of the scores.
 /// Composes with balancers that do not set a selection key, e.g. Balancers<Sinkhorn, ZLoss>.
 ///
-/// Cost per training batch: one fp64 exp per logit and 2·T·E multiply-adds per iteration on
-/// the host, with a T·E fp64 workspace kept between batches.
+/// Cost per training batch: one fp64 exp per logit and 2·T·E multiply-adds per iteration,
+/// with a T·E fp64 workspace kept between batches; on the host for CPU backends, on the GPU
+/// for CudaBackend (same operations in the same order, so the same d¹ and ids).
 ///
 /// Metrics of the last training batch: column_scaling() (d¹), row_scaling() (d⁰, for the
 /// row-shifted K), iterations(), residual(), converged(), stats() (a printable, CSV-ready
@@ -148,24 +168,29 @@ class Sinkhorn {
       double m = -INFINITY;
       for (index_t e = 0; e < E; ++e) m = std::max(m, double(zr[e]));
       double* kr = k_.data() + std::size_t(t) * Es;
-      for (index_t e = 0; e < E; ++e) kr[e] = std::exp(double(zr[e]) - m);
+      for (index_t e = 0; e < E; ++e) kr[e] = detail::exp_f64(double(zr[e]) - m);
     }
 
+    // The iteration in the summation order of detail::sinkhorn_row_sum and of column sums
+    // over fixed chunks of tokens (detail::sinkhorn_chunk), with every product-and-add an
+    // fma, so a device iteration reproduces it bit for bit.
     const double inv_t = 1.0 / double(T), inv_e = 1.0 / double(E), eps = config_.eps;
-    std::vector<double> d0(static_cast<std::size_t>(T)), d1(Es, 1.0), col(Es);
+    std::vector<double> d0(static_cast<std::size_t>(T)), d1(Es, 1.0), col(Es), part(Es);
     index_t it = 0;
     double residual = INFINITY;
     bool converged = false;
     while (it < config_.max_iters) {
       ++it;
       std::fill(col.begin(), col.end(), 0.0);
-      for (index_t t = 0; t < T; ++t) {
-        const double* kr = k_.data() + std::size_t(t) * Es;
-        double r = 0.0;
-        for (index_t e = 0; e < E; ++e) r += kr[e] * d1[std::size_t(e)];
-        const double d = inv_t / (r + eps);
-        d0[std::size_t(t)] = d;
-        for (index_t e = 0; e < E; ++e) col[std::size_t(e)] += kr[e] * d;
+      for (index_t t0 = 0; t0 < T; t0 += detail::sinkhorn_chunk) {
+        std::fill(part.begin(), part.end(), 0.0);
+        for (index_t t = t0; t < std::min(T, t0 + detail::sinkhorn_chunk); ++t) {
+          const double* kr = k_.data() + std::size_t(t) * Es;
+          const double d = inv_t / (detail::sinkhorn_row_sum(kr, d1.data(), E) + eps);
+          d0[std::size_t(t)] = d;
+          for (std::size_t e = 0; e < Es; ++e) part[e] = detail::fma_f64(kr[e], d, part[e]);
+        }
+        for (std::size_t e = 0; e < Es; ++e) col[e] += part[e];
       }
       double diff = 0.0;
       for (std::size_t e = 0; e < Es; ++e) {
@@ -182,16 +207,30 @@ class Sinkhorn {
     if (!converged && config_.on_no_convergence == SinkhornOnNoConvergence::error)
       throw sinkhorn_error(it, residual, config_.tol);
 
-    for (std::size_t e = 0; e < Es; ++e) c[e] = float(std::log(d1[e]));
-    // record the batch only now that it succeeded
-    d1_.swap(d1);
-    d0_.swap(d0);
-    iterations_ = it;
+    offset_of(d1, c);
+    record(std::move(d0), std::move(d1), it, residual, converged);
+    return true;
+  }
+
+  /// The selection offset c_e = log d¹_e (fp32, with the deterministic detail::log_f32 of
+  /// float(d¹_e), which a device backend computes alike).
+  static void offset_of(std::span<const double> d1, std::span<float> c) noexcept {
+    for (std::size_t e = 0; e < d1.size(); ++e) c[e] = detail::log_f32(float(d1[e]));
+  }
+
+  /// Records a training batch whose iteration ran elsewhere (a device backend runs it
+  /// on the GPU, in this class's order of operations): its d⁰ [T] and d¹ [E], the
+  /// iterations, the last residual and whether it converged. selection_logit_offset calls
+  /// it after its own iteration; nothing else changes the recorded batch.
+  void record(std::vector<double> d0, std::vector<double> d1, index_t iterations, double residual, bool converged) {
+    detail::require(index_t(d1.size()) == experts_, "d1", "expected ", experts_, " elements, got ", d1.size());
+    d1_ = std::move(d1);
+    d0_ = std::move(d0);
+    iterations_ = iterations;
     residual_ = residual;
     converged_ = converged;
     ++batches_;
     if (!converged) ++unconverged_batches_;
-    return true;
   }
 
   /// d¹ of the last training batch [E] (ones before the first batch): the per-expert column

@@ -329,6 +329,11 @@ struct Graph {
 inline Graph* capturing = nullptr;  // the capture in progress (one stream at a time)
 inline bool capture_invalidated = false;
 inline cudaError_t last_error = cudaSuccess;
+/// A runtime call's result; a failure also becomes the last error, as CUDA does.
+inline cudaError_t api(cudaError_t e) {
+  if (e != cudaSuccess) last_error = e;
+  return e;
+}
 
 /// An operation on a stream: run now, or recorded while a capture is in progress.
 inline void submit(std::function<void()> op) {
@@ -461,15 +466,15 @@ inline cudaError_t cudaFree(void* p) {
 inline cudaError_t cudaFreeHost(void* p) { return cudaFree(p); }
 
 inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, std::size_t n, cudaMemcpyKind, cudaStream_t = nullptr) {
-  if (n > 0 && (!dst || !src)) return cudaErrorInvalidValue;
+  if (n > 0 && (!dst || !src)) return emu::api(cudaErrorInvalidValue);
   emu::submit([=] { std::memcpy(dst, src, n); });
   return cudaSuccess;
 }
 /// A pitched copy of `rows` rows of `width` bytes (CUDA's rule: width <= either pitch).
 inline cudaError_t cudaMemcpy2DAsync(void* dst, std::size_t dpitch, const void* src, std::size_t spitch,
                                      std::size_t width, std::size_t rows, cudaMemcpyKind, cudaStream_t = nullptr) {
-  if (width > dpitch || width > spitch) return cudaErrorInvalidValue;
-  if (width > 0 && rows > 0 && (!dst || !src)) return cudaErrorInvalidValue;
+  if (width > dpitch || width > spitch) return emu::api(cudaErrorInvalidValue);
+  if (width > 0 && rows > 0 && (!dst || !src)) return emu::api(cudaErrorInvalidValue);
   emu::submit([=] {
     for (std::size_t r = 0; r < rows; ++r)
       std::memcpy(static_cast<char*>(dst) + r * dpitch, static_cast<const char*>(src) + r * spitch, width);
@@ -481,7 +486,7 @@ inline cudaError_t cudaMemcpy(void* dst, const void* src, std::size_t n, cudaMem
   return cudaMemcpyAsync(dst, src, n, kind);
 }
 inline cudaError_t cudaMemsetAsync(void* p, int v, std::size_t n, cudaStream_t = nullptr) {
-  if (n > 0 && !p) return cudaErrorInvalidValue;
+  if (n > 0 && !p) return emu::api(cudaErrorInvalidValue);
   emu::submit([=] { std::memset(p, v, n); });
   return cudaSuccess;
 }

@@ -27,7 +27,12 @@ class cuda_error : public error {
 
 namespace cuda_detail {
 inline void check(cudaError_t code, const char* call, const char* file, int line) {
-  if (code != cudaSuccess) throw cuda_error(code, call, file, line);
+  if (code != cudaSuccess) {
+    // a failed runtime call also becomes the thread's last error: clear it (when it is not
+    // sticky), or the next launch check would report this call's error as its own
+    (void)cudaGetLastError();
+    throw cuda_error(code, call, file, line);
+  }
 }
 }  // namespace cuda_detail
 

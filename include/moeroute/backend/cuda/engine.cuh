@@ -16,7 +16,8 @@
 // logit is recorded on the device; `check_errors()` (which synchronises) throws the same
 // non_finite_error as the CPU backends. Other balancers and communicators are supported
 // through their host hooks: route then copies the statistics to the host and synchronises once
-// (a logit-space offset, Sinkhorn, gets the batch's logits copied back for its hook).
+// (a user's logit-space offset hook gets the batch's logits copied back). Sinkhorn iterates on
+// the device and synchronises once per group of 8 iterations in a training route.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -37,6 +38,7 @@
 #include "../../balancing/loss_free.hpp"
 #include "../../balancing/none.hpp"
 #include "../../balancing/phi.hpp"
+#include "../../balancing/sinkhorn.hpp"
 #include "../../balancing/switch_aux.hpp"
 #include "../../balancing/zloss.hpp"
 #include "../../comm/nocomm.hpp"
@@ -416,6 +418,20 @@ inline constexpr bool offset_in_training_only = requires {
 template <class... Bs>
 inline constexpr bool offset_in_training_only<Balancers<Bs...>> = ((!detail::has_logit_offset<Bs> ||
                                                                     offset_in_training_only<Bs>)&&...);
+
+/// Whether a balancer is Sinkhorn or a composition with a Sinkhorn member: its iteration
+/// runs on the device (sinkhorn_of gives the member).
+template <class B>
+inline constexpr bool has_sinkhorn = std::is_same_v<B, Sinkhorn>;
+template <class... Bs>
+inline constexpr bool has_sinkhorn<Balancers<Bs...>> = (std::is_same_v<Bs, Sinkhorn> || ...);
+template <class B>
+Sinkhorn& sinkhorn_of(B& b) {
+  if constexpr (std::is_same_v<B, Sinkhorn>)
+    return b;
+  else
+    return b.template get<Sinkhorn>();
+}
 
 /// Whether a balancer reads Σ lse² (the z-loss), so the forward must compute it.
 template <class B>
@@ -996,6 +1012,8 @@ class CudaEngine {
     MOEROUTE_CUDA_CHECK_LAUNCH();
     if (!training) return;
     const cuda_detail::DeviceStats st = device_stats(out, T, E);
+    // the z-loss coefficient accumulates into it (backward clears it again for its own use)
+    if (st.dlse_device) MOEROUTE_CUDA_CHECK(cudaMemsetAsync(st.dlse_device, 0, sizeof(float), stream_));
     float dlse = 0.0f;
     db.aux(bal, st, aux_targets<B>(out, aux_loss_.data()), dlse, stream_);
     db.observe(bal, st, stream_);
@@ -1093,6 +1111,7 @@ class CudaEngine {
   /// declines (then routing is plain, as on the CPU).
   template <class B, LogitElement L>
   const float* logit_offset_of(MatrixView<const L> x, const RouterConfig& c, B& bal, bool training) {
+    if constexpr (cuda_detail::has_sinkhorn<B>) return sinkhorn_offset(x, c, cuda_detail::sinkhorn_of(bal), training);
     using LT = std::remove_const_t<L>;
     const index_t T = x.rows, E = x.cols;
     MatrixView<const float> z(static_cast<const float*>(nullptr), 0, E);
@@ -1112,6 +1131,78 @@ class CudaEngine {
     stage_upload(bias_.data(), host_offset_.data(), E);
     return bias_.data();
   }
+
+  /// Sinkhorn's iteration on the device (kernels.cuh): K = exp(z − max z) once, then groups
+  /// of sinkhorn_group iterations between which the host reads the status (one
+  /// synchronisation per group; the launches after convergence do nothing). Bad logits are
+  /// thrown after the first group, a non-convergence in error mode after the last, both
+  /// before the balancer records anything; then d⁰ and d¹ are copied back for the
+  /// balancer's metrics and the offset log d¹ is formed on the device. Outside training, or
+  /// for an empty batch, nothing runs (plain top-k, as the host hook).
+  template <LogitElement L>
+  const float* sinkhorn_offset(MatrixView<const L> x, const RouterConfig& c, Sinkhorn& sk, bool training) {
+    const index_t T = x.rows, E = x.cols;
+    detail::require(index_t(sk.column_scaling().size()) == E, "logits", "Sinkhorn expects ", sk.column_scaling().size(),
+                    " columns, got ", E);
+    if (!training || T == 0) return nullptr;
+    using cuda_detail::sinkhorn_threads;
+    const Sinkhorn::Config& sc = sk.config();
+    const index_t chunks = (T + detail::sinkhorn_chunk - 1) / detail::sinkhorn_chunk;
+    sk_k_.reserve(std::size_t(T * E));
+    sk_d0_.reserve(std::size_t(T));
+    sk_d1_.reserve(std::size_t(E));
+    sk_part_.reserve(std::size_t(chunks * E));
+    sk_status_.reserve(1);
+    sk_pinned_status_.reserve(1);
+    const unsigned e_blocks = unsigned(std::min<index_t>((E + sinkhorn_threads - 1) / sinkhorn_threads, 64));
+    cuda_detail::sinkhorn_init_kernel<<<e_blocks, sinkhorn_threads, 0, stream_>>>(int(E), sk_d1_.data(),
+                                                                                  sk_status_.data());
+    MOEROUTE_CUDA_CHECK_LAUNCH();
+    using LT = std::remove_const_t<L>;
+    const unsigned t_blocks =
+        unsigned(std::min<index_t>((T + sinkhorn_threads / 32 - 1) / (sinkhorn_threads / 32), 4096));
+    cuda_detail::sinkhorn_exp_kernel<LT><<<t_blocks, sinkhorn_threads, 0, stream_>>>(
+        x.data, x.stride, int(T), int(E), c.non_finite == NonFinite::nan_as_neg_inf, sk_k_.data(), bad_.data());
+    MOEROUTE_CUDA_CHECK_LAUNCH();
+    const double inv_t = 1.0 / double(T), inv_e = 1.0 / double(E), eps = sc.eps;
+    const std::size_t rows_smem = std::size_t(E + detail::sinkhorn_chunk) * sizeof(double);
+    cuda_detail::SinkhornStatus st{};
+    for (bool first = true;; first = false) {
+      for (int g = 0; g < sinkhorn_group; ++g) {
+        cuda_detail::sinkhorn_rows_kernel<<<unsigned(chunks), sinkhorn_threads, rows_smem, stream_>>>(
+            sk_k_.data(), int(T), int(E), inv_t, eps, sk_d1_.data(), sk_d0_.data(), sk_part_.data(), sk_status_.data());
+        MOEROUTE_CUDA_CHECK_LAUNCH();
+        cuda_detail::sinkhorn_cols_kernel<<<1, sinkhorn_threads, std::size_t(E) * sizeof(double), stream_>>>(
+            sk_part_.data(), int(chunks), int(E), inv_e, eps, sc.tol, static_cast<long long>(sc.max_iters),
+            sk_d1_.data(), sk_status_.data());
+        MOEROUTE_CUDA_CHECK_LAUNCH();
+      }
+      MOEROUTE_CUDA_CHECK(
+          cudaMemcpyAsync(sk_pinned_status_.data(), sk_status_.data(), sizeof st, cudaMemcpyDeviceToHost, stream_));
+      if (first) check_errors(x);  // synchronises; a bad logit reaches no balancer
+      MOEROUTE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      st = *sk_pinned_status_.data();
+      if (st.done) break;
+    }
+    if (!st.converged && sc.on_no_convergence == SinkhornOnNoConvergence::error)
+      throw sinkhorn_error(index_t(st.iterations), st.residual, sc.tol);
+    sk_pinned_f64_.reserve(std::size_t(T + E));
+    MOEROUTE_CUDA_CHECK(cudaMemcpyAsync(sk_pinned_f64_.data(), sk_d0_.data(), std::size_t(T) * sizeof(double),
+                                        cudaMemcpyDeviceToHost, stream_));
+    MOEROUTE_CUDA_CHECK(cudaMemcpyAsync(sk_pinned_f64_.data() + T, sk_d1_.data(), std::size_t(E) * sizeof(double),
+                                        cudaMemcpyDeviceToHost, stream_));
+    cuda_detail::sinkhorn_offset_kernel<<<e_blocks, sinkhorn_threads, 0, stream_>>>(sk_d1_.data(), int(E),
+                                                                                    bias_.data());
+    MOEROUTE_CUDA_CHECK_LAUNCH();
+    MOEROUTE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    const double* h = sk_pinned_f64_.data();
+    sk.record(std::vector<double>(h, h + T), std::vector<double>(h + T, h + T + E), index_t(st.iterations), st.residual,
+              st.converged != 0);
+    return bias_.data();
+  }
+
+  /// Sinkhorn iterations enqueued between two reads of the device status.
+  static constexpr int sinkhorn_group = 8;
 
   /// Copies n host floats to the device through a pinned staging buffer, asynchronously;
   /// waits only for the previous upload to have left the staging buffer.
@@ -1187,6 +1278,11 @@ class CudaEngine {
   // a logit-space offset's host hook (Sinkhorn): the batch's logits, as copied and as fp32
   cuda_detail::PinnedArray<std::byte> pinned_logits_;
   std::vector<float> host_logits_, host_offset_;
+  // Sinkhorn's device iteration: K [T, E], d⁰ [T], d¹ [E], column partials [chunks, E]
+  cuda_detail::DeviceArray<double> sk_k_, sk_d0_, sk_d1_, sk_part_;
+  cuda_detail::DeviceArray<cuda_detail::SinkhornStatus> sk_status_;
+  cuda_detail::PinnedArray<cuda_detail::SinkhornStatus> sk_pinned_status_;
+  cuda_detail::PinnedArray<double> sk_pinned_f64_;
   std::vector<std::int64_t> g_counts_, red_i64_, g_seq_counts_;
   AuxGradient host_grad_;
   index_t seq_len_ = 0;

@@ -1,5 +1,6 @@
 // moeroute — CUDA backend kernels: the fused routing forward, the backward, the
-// deterministic statistics reduction and the dispatch plan.
+// deterministic statistics reduction, the dispatch plan, the balancers' device state and
+// Sinkhorn's iteration.
 //
 // Bit-identity with the reference backend. Expert ids depend on the exact fp32 scores, so
 // every score is computed with the same IEEE operation sequence as backend/reference:
@@ -21,6 +22,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../../balancing/sinkhorn.hpp"
 #include "../../balancing/update_rules.hpp"
 #include "../../core.hpp"
 #include "../../detail/math.hpp"
@@ -1262,6 +1264,137 @@ __global__ void __launch_bounds__(reduce_threads)
     pending[e] = 0;
   }
   if (threadIdx.x == 0) *batches = 0;
+}
+
+// ---------------------------------------------------------------------------------------
+// Sinkhorn (balancing/sinkhorn.hpp): the iteration on the device, in the host's order of
+// operations (fp64, fma for every product-and-add, the same row and column summation
+// orders), so d⁰, d¹, the residual and the iteration count equal the host's bit for bit.
+// ---------------------------------------------------------------------------------------
+
+/// Threads of the Sinkhorn kernels' blocks; the row kernel's block owns one chunk of
+/// detail::sinkhorn_chunk tokens.
+inline constexpr int sinkhorn_threads = 256;
+
+/// Where the device iteration stands; the host reads it between groups of iterations.
+struct SinkhornStatus {
+  long long iterations;
+  double residual;
+  int done;  ///< converged, or max_iters reached: later launches do nothing
+  int converged;
+};
+
+/// Starts a batch: d¹ = 1, no iterations.
+__global__ void __launch_bounds__(sinkhorn_threads) sinkhorn_init_kernel(int E, double* d1, SinkhornStatus* st) {
+  for (int e = int(blockIdx.x) * sinkhorn_threads + int(threadIdx.x); e < E; e += int(gridDim.x) * sinkhorn_threads)
+    d1[e] = 1.0;
+  if (blockIdx.x == 0 && threadIdx.x == 0) *st = SinkhornStatus{0, INFINITY, 0, 0};
+}
+
+/// K[t, e] = exp_f64(z − max_e z) on the router's fp32 logits (NaN as −inf under that policy),
+/// one warp per token. Bad logits are recorded as the forward records them (the first in
+/// row-major order), so the host can throw before the balancer records the batch.
+template <class L>
+__global__ void __launch_bounds__(sinkhorn_threads)
+    sinkhorn_exp_kernel(const L* x, index_t stride, int T, int E, bool nan_as_neg_inf, double* K,
+                        unsigned long long* bad) {
+  const int lane = threadIdx.x & 31;
+  const index_t warps = index_t(gridDim.x) * (sinkhorn_threads / 32);
+  for (index_t t = index_t(blockIdx.x) * (sinkhorn_threads / 32) + (threadIdx.x >> 5); t < T; t += warps) {
+    const L* row = x + t * stride;
+    float m = -INFINITY;
+    bool any_finite = false;
+    for (int e = lane; e < E; e += 32) {
+      float v = load_logit(row + e);
+      if (isfinite(v)) {
+        any_finite = true;
+      } else if (nan_as_neg_inf && v != v) {
+        v = -INFINITY;
+      } else {
+        atomicMin(bad, static_cast<unsigned long long>(t) * (E + 1) + e);
+      }
+      m = fmaxf(m, v);
+    }
+    m = warp_max(m);
+    if (nan_as_neg_inf && !__any_sync(full_mask, any_finite) && lane == 0)
+      atomicMin(bad, static_cast<unsigned long long>(t) * (E + 1) + E);
+    double* kr = K + t * E;
+    for (int e = lane; e < E; e += 32) {
+      float v = load_logit(row + e);
+      if (nan_as_neg_inf && v != v) v = -INFINITY;
+      kr[e] = detail::exp_f64(__dsub_rn(double(v), double(m)));
+    }
+  }
+}
+
+/// The row half of one iteration and the column partials of one chunk: block c owns tokens
+/// [c·chunk, (c+1)·chunk). Its warps form d⁰_t = (1/T) / (Σ_e K_te d¹_e + ε) with
+/// detail::sinkhorn_row_sum's order (lane l is partial l; the butterfly is its pairwise
+/// combination), then each thread sums an expert's column over the chunk in token order into
+/// part[c, e]. Does nothing once the iteration is done.
+__global__ void __launch_bounds__(sinkhorn_threads)
+    sinkhorn_rows_kernel(const double* K, int T, int E, double inv_t, double eps, const double* d1, double* d0,
+                         double* part, const SinkhornStatus* st) {
+  extern __shared__ double sinkhorn_smem[];  // d¹ [E], then the chunk's d⁰
+  if (st->done) return;
+  double* sd1 = sinkhorn_smem;
+  double* sd0 = sinkhorn_smem + E;
+  for (int e = threadIdx.x; e < E; e += sinkhorn_threads) sd1[e] = d1[e];
+  __syncthreads();
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  const index_t t0 = index_t(blockIdx.x) * detail::sinkhorn_chunk;
+  const int n = int(index_t(T) - t0 < detail::sinkhorn_chunk ? index_t(T) - t0 : detail::sinkhorn_chunk);
+  for (int i = w; i < n; i += sinkhorn_threads / 32) {
+    const double* kr = K + (t0 + i) * E;
+    double p = 0.0;
+    for (int e = lane; e < E; e += 32) p = detail::fma_f64(kr[e], sd1[e], p);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) p = __dadd_rn(p, __shfl_xor_sync(full_mask, p, o));
+    const double d = inv_t / __dadd_rn(p, eps);
+    if (lane == 0) {
+      sd0[i] = d;
+      d0[t0 + i] = d;
+    }
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < E; e += sinkhorn_threads) {
+    double acc = 0.0;
+    for (int i = 0; i < n; ++i) acc = detail::fma_f64(K[(t0 + i) * E + e], sd0[i], acc);
+    part[index_t(blockIdx.x) * E + e] = acc;
+  }
+}
+
+/// The column half of one iteration (one block): d¹_e = (1/E) / (Σ_c part[c, e] + ε) with the
+/// chunks in order, the residual mean_e |d¹ − d¹_prev| summed in expert order by one thread,
+/// and the stopping test. Does nothing once the iteration is done.
+__global__ void __launch_bounds__(sinkhorn_threads)
+    sinkhorn_cols_kernel(const double* part, int chunks, int E, double inv_e, double eps, double tol,
+                         long long max_iters, double* d1, SinkhornStatus* st) {
+  extern __shared__ double sinkhorn_smem[];  // |d¹ − d¹_prev| [E]
+  const bool done = st->done != 0;           // every thread reads it before thread 0 writes
+  if (done) return;
+  for (int e = threadIdx.x; e < E; e += sinkhorn_threads) {
+    double col = 0.0;
+    for (int c = 0; c < chunks; ++c) col = __dadd_rn(col, part[index_t(c) * E + e]);
+    const double next = inv_e / __dadd_rn(col, eps);
+    sinkhorn_smem[e] = fabs(__dsub_rn(next, d1[e]));
+    d1[e] = next;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double diff = 0.0;
+    for (int e = 0; e < E; ++e) diff = __dadd_rn(diff, sinkhorn_smem[e]);
+    const double residual = __dmul_rn(diff, inv_e);
+    const long long it = st->iterations + 1;
+    const bool converged = residual < tol;
+    *st = SinkhornStatus{it, residual, converged || it >= max_iters, converged};
+  }
+}
+
+/// The selection offset c_e = log_f32(float(d¹_e)), as Sinkhorn::offset_of.
+__global__ void __launch_bounds__(sinkhorn_threads) sinkhorn_offset_kernel(const double* d1, int E, float* c) {
+  for (int e = int(blockIdx.x) * sinkhorn_threads + int(threadIdx.x); e < E; e += int(gridDim.x) * sinkhorn_threads)
+    c[e] = detail::log_f32(float(d1[e]));
 }
 
 }  // namespace moeroute::cuda_detail
