@@ -13,7 +13,10 @@
 // - step_graph_phi: a whole training step of Router<TopK<8>, PhiBalancing<Entropy>,
 //   CudaBackend> (route, backward, step, the balancer on the device) replayed as a CUDA graph;
 // - step_graph_dsv3: the same for DeepSeek-V3's router (sigmoid, GroupTopK<8, 8, 4>,
-//   Loss-Free's bias and the sequence-wise loss over 4 sequences).
+//   Loss-Free's bias and the sequence-wise loss over 4 sequences);
+// - route_sinkhorn: a training route of Router<TopK<8>, Sinkhorn, CudaBackend> (the
+//   iteration on the device, with its synchronisations), timed on the host; a comment line
+//   gives its iteration count.
 // The memory floor of a call is its compulsory DRAM traffic (logits read once, outputs
 // written once) divided by the device-to-device copy bandwidth measured here.
 // Output: one CSV row per case on stdout (header first); --quick runs T = 4096 and 65536,
@@ -21,6 +24,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <moeroute/backend/cuda/engine.cuh>
@@ -249,6 +253,20 @@ void run_case(cudaStream_t s, double bw, const char* dtype, index_t T, index_t E
     dsv3_step = step_graph_us(dsv3, s, x, T, E, dg, dz, reps);
   }
 
+  // a training route with Sinkhorn selection: K once, the iteration on the device (report
+  // mode, capped at 50 iterations), the offset and the forward; it synchronises, so it is
+  // timed on the host over whole calls
+  Router<TopK<8>, Sinkhorn, CudaBackend> sk_router(
+      cfg, {.tol = 1e-4, .max_iters = 50, .on_no_convergence = SinkhornOnNoConvergence::report});
+  sk_router.engine().set_stream(s);
+  sk_router.route(xv, out);  // warm-up: the workspace
+  const int sk_reps = T >= 16384 ? 5 : 20;
+  const auto sk_start = std::chrono::steady_clock::now();
+  for (int i = 0; i < sk_reps; ++i) sk_router.route(xv, out);
+  MOEROUTE_CUDA_CHECK(cudaStreamSynchronize(s));
+  const double sk_route =
+      std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - sk_start).count() / sk_reps;
+
   // compulsory traffic: forward reads the logits, writes ids + gates; backward also reads
   // ids + ∂gates and writes ∂logits (fp32); the plan reads ids, writes order + position
   const double fwd_bytes = double(T * E) * sizeof(L) + double(T * k) * 8;
@@ -267,6 +285,9 @@ void run_case(cudaStream_t s, double bw, const char* dtype, index_t T, index_t E
   row("forward_expert_choice", ec_fwd, double(T * E) * sizeof(L) + double(E * C) * 8);
   row("step_graph_phi", phi_step, fwd_bytes + bwd_bytes);
   if (dsv3_step >= 0.0) row("step_graph_dsv3", dsv3_step, fwd_bytes + bwd_bytes);
+  row("route_sinkhorn", sk_route, fwd_bytes);  // floor: the forward's alone (iterations vary)
+  std::printf("# sinkhorn %s T=%lld E=%lld: %lld iterations, residual %.3g\n", dtype, (long long)T, (long long)E,
+              (long long)sk_router.balancer().iterations(), sk_router.balancer().residual());
   std::fflush(stdout);
   for (void* p : {(void*)x, (void*)ids, (void*)gates, (void*)dg, (void*)dz, (void*)counts, (void*)probs, (void*)pc,
                   (void*)po, (void*)order, (void*)pos})
