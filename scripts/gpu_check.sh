@@ -4,7 +4,8 @@
 # synccheck, initcheck), the NCCL test, and the GPU benchmark against PyTorch (eager and
 # torch.compile) and the memory floor. Steps run in order of importance; each is stopped at
 # its own cap and none starts past the budget, so the summary always comes. Every step runs
-# even when an earlier one fails; the exit code is non-zero when a step failed or timed out.
+# even when an earlier one fails; the exit code is non-zero when a step failed, timed out or
+# was skipped for want of budget (the check is then incomplete).
 # Logs go to $OUT/gpu_check when OUT is set, else ./gpu_check_logs.
 #
 # Usage: scripts/gpu_check.sh [--kit DIR] [--budget SECONDS] [--quick] [--arch ARCHS] [--steps LIST]
@@ -107,8 +108,8 @@ if [ -n "$kit" ]; then
       step rebuild_bench 200 "$nvcc" "${nvcc_flags[@]}" "$root/bench/cuda/bench_cuda.cu" -o "$bench"
     fi
     if [ -f "$nccl" ] && ! "$nccl" --count > /dev/null 2>&1; then
-      nccl_h=$(find / -name nccl.h -path '*include*' 2>/dev/null | head -n 1)
-      nccl_so=$(find / -name 'libnccl.so*' 2>/dev/null | head -n 1)
+      nccl_h=$(timeout 30 find / -name nccl.h -path '*include*' 2>/dev/null | head -n 1)
+      nccl_so=$(timeout 30 find / -name 'libnccl.so*' 2>/dev/null | head -n 1)
       if [ -n "$nccl_h" ] && [ -n "$nccl_so" ]; then
         step rebuild_nccl 120 "$nvcc" "${nvcc_flags[@]}" -x cu "$root/tests/test_nccl_comm.cpp" \
           -x cu "$root/tests/doctest_main.cpp" -I"$(dirname "$nccl_h")" "$nccl_so" -o "$nccl"

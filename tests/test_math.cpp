@@ -135,6 +135,12 @@ TEST_CASE("exp_f64 is within 2 ulp of exp (long double) over the normal range; s
   CHECK(md::exp_f64(INFINITY) == INFINITY);
   CHECK(md::exp_f64(710.0) == INFINITY);
   CHECK(std::isfinite(md::exp_f64(709.78)));
+  // the overflow threshold is exact: the largest double whose exp is finite
+  const double over = md::exp64_constants::overflow;
+  CHECK(std::exp((long double)over) <= (long double)DBL_MAX);
+  CHECK(std::exp((long double)std::nextafter(over, INFINITY)) > (long double)DBL_MAX);
+  CHECK(std::isfinite(md::exp_f64(over)));
+  CHECK(md::exp_f64(std::nextafter(over, INFINITY)) == INFINITY);
   CHECK(md::exp_f64(-746.0) == 0.0);
   CHECK(md::exp_f64(-745.0) > 0.0);
   CHECK(std::isnan(md::exp_f64(std::numeric_limits<double>::quiet_NaN())));

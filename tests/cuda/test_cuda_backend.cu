@@ -761,6 +761,35 @@ TEST_CASE("cuda: Sinkhorn selection (its iteration on the device) equals the ref
   CHECK_THROWS_AS(capped.route(xv, gv), sinkhorn_error);
   CHECK(capped.balancer().batches() == 0);
 
+  // an evaluation route's unchecked record of the NaN at (3, 5) is not blamed on the next
+  // training batch (two clean tokens), and a late check_errors() on that batch reports the
+  // old record without reading past its rows
+  {
+    Router<TopK<2>, Sinkhorn, CudaBackend> later({.num_experts = E, .top_k = k});
+    Router<TopK<2>, Sinkhorn, ReferenceBackend> later_ref({.num_experts = E, .top_k = k});
+    later.set_training(false);
+    later.route(xv, gv);  // the forward records the NaN; nothing checks it
+    later.set_training(true);
+    const auto clean = make_input(Input::random, 2, E, 48);
+    Dev<float> dclean(clean);
+    DevRouting dr2(2, E, k);
+    RoutingView gv2 = dr2.view();
+    RoutingBuffers rb2;
+    RoutingView rv2 = later_ref.make_output(rb2, 2);
+    const MatrixView<const float> cv(dclean.p, 2, E);
+    CHECK_NOTHROW(later.route(cv, gv2));
+    later_ref.route(MatrixView<const float>(clean.data(), 2, E), rv2);
+    CHECK(dr2.ids.download() == std::vector<std::int32_t>(rv2.ids.begin(), rv2.ids.end()));
+    same_sinkhorn_record(later.balancer(), later_ref.balancer());
+    try {
+      later.engine().check_errors(cv);
+      FAIL("the old record was not reported");
+    } catch (const non_finite_error& e) {
+      CHECK(e.token() == 3);
+      CHECK(e.expert() == 5);
+    }
+  }
+
   // fp16 logits in a strided view come back row by row
   const index_t stride = E + 3;
   std::vector<float16> h16(std::size_t(T * stride), float16(0.0f));

@@ -128,10 +128,10 @@ MOEROUTE_HD inline double fma_f64(double a, double b, double c) noexcept {
 }
 
 namespace exp64_constants {
-inline constexpr double overflow = 709.782712893383973096;    // ln(DBL_MAX)
+inline constexpr double overflow = 709.782712893383973096;    // the largest x with e^x <= DBL_MAX
 inline constexpr double underflow = -745.133219101941108420;  // ln of half the smallest subnormal
 inline constexpr double log2e = 1.4426950408889634073599;
-inline constexpr double ln2_hi = 6.93145751953125E-1;  // 32 significant bits: n·ln2_hi is exact
+inline constexpr double ln2_hi = 6.93145751953125E-1;  // 15 significant bits: n·ln2_hi is exact for |n| < 2^38
 inline constexpr double ln2_lo = 1.42860682030941723212E-6;
 // exp(r) = 1 + 2·r·P(r²) / (Q(r²) − r·P(r²)) on |r| <= ln2/2 (Cephes' rational form)
 inline constexpr double p0 = 1.26177193074810590878E-4, p1 = 3.02994407707441961300E-2, p2 = 9.99999999999999999910E-1;
@@ -141,11 +141,12 @@ inline constexpr double q0 = 3.00198505138664455042E-6, q1 = 2.52448340349684104
 
 /// e^x in fp64, deterministic across backends (every multiply-add is an explicit fma, so no
 /// compiler contraction changes it): within 2 ulp of std::exp over the normal range (the
-/// tests measure it); subnormal results are rounded once; +inf above ln(DBL_MAX), 0 for
-/// -inf, NaN propagates.
+/// tests measure it); subnormal results are rounded once; +inf where e^x exceeds DBL_MAX, 0
+/// for -inf, NaN propagates. Assumes the default floating-point environment (round to
+/// nearest, subnormals kept).
 MOEROUTE_HD inline double exp_f64(double x) noexcept {
   namespace c = exp64_constants;
-  if (!(x < c::overflow)) return x != x ? x : INFINITY;
+  if (!(x <= c::overflow)) return x != x ? x : INFINITY;
   if (x < c::underflow) return 0.0;
   const double n = std::nearbyint(x * c::log2e);
   double r = fma_f64(-n, c::ln2_hi, x);

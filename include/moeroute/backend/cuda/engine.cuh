@@ -696,12 +696,25 @@ class CudaEngine {
     MOEROUTE_CUDA_CHECK(cudaStreamSynchronize(stream_));
     if (code == ~0ull) return;
     MOEROUTE_CUDA_CHECK(cudaMemsetAsync(bad_.data(), 0xff, sizeof(unsigned long long), stream_));
+    throw_bad_logit(code, x);
+  }
+
+  /// Throws the error of a recorded bad logit (coded t·(E+1)+e) of the logits `x`: the
+  /// CPU's non_finite_error with the value read back, or invalid_argument for an all-NaN
+  /// token. A code outside `x` (a record of another batch's forward that was never
+  /// checked) is reported without reading the value.
+  template <LogitElement L>
+  [[noreturn]] void throw_bad_logit(unsigned long long code, MatrixView<const L> x) {
     const index_t E = x.cols;
     const index_t t = index_t(code / std::uint64_t(E + 1)), e = index_t(code % std::uint64_t(E + 1));
     detail::require(e < E, "logits", "token ", t, " has no finite logit (all NaN)");
-    std::remove_const_t<L> v{};
-    MOEROUTE_CUDA_CHECK(cudaMemcpy(&v, x.data + t * x.stride + e, sizeof v, cudaMemcpyDeviceToHost));
-    throw non_finite_error(t, e, to_float(v));
+    float value = NAN;
+    if (t < x.rows) {
+      std::remove_const_t<L> v{};
+      MOEROUTE_CUDA_CHECK(cudaMemcpy(&v, x.data + t * x.stride + e, sizeof v, cudaMemcpyDeviceToHost));
+      value = to_float(v);
+    }
+    throw non_finite_error(t, e, value);
   }
 
   /// Device Σ_t p_{t,e} in fp64 [E] and Σ_t lse² (when requested) of the last forward.
@@ -1134,10 +1147,11 @@ class CudaEngine {
 
   /// Sinkhorn's iteration on the device (kernels.cuh): K = exp(z − max z) once, then groups
   /// of sinkhorn_group iterations between which the host reads the status (one
-  /// synchronisation per group; the launches after convergence do nothing). Bad logits are
-  /// thrown after the first group, a non-convergence in error mode after the last, both
-  /// before the balancer records anything; then d⁰ and d¹ are copied back for the
-  /// balancer's metrics and the offset log d¹ is formed on the device. Outside training, or
+  /// synchronisation per group; the launches after convergence do nothing). Bad logits (the
+  /// iteration's own record of this batch) are thrown after the first group, a
+  /// non-convergence in error mode after the last, both before the balancer records
+  /// anything; then d⁰ and d¹ are copied back for the balancer's metrics (one more
+  /// synchronisation) and the offset log d¹ is formed on the device. Outside training, or
   /// for an empty batch, nothing runs (plain top-k, as the host hook).
   template <LogitElement L>
   const float* sinkhorn_offset(MatrixView<const L> x, const RouterConfig& c, Sinkhorn& sk, bool training) {
@@ -1162,7 +1176,8 @@ class CudaEngine {
     const unsigned t_blocks =
         unsigned(std::min<index_t>((T + sinkhorn_threads / 32 - 1) / (sinkhorn_threads / 32), 4096));
     cuda_detail::sinkhorn_exp_kernel<LT><<<t_blocks, sinkhorn_threads, 0, stream_>>>(
-        x.data, x.stride, int(T), int(E), c.non_finite == NonFinite::nan_as_neg_inf, sk_k_.data(), bad_.data());
+        x.data, x.stride, int(T), int(E), c.non_finite == NonFinite::nan_as_neg_inf, sk_k_.data(),
+        &sk_status_.data()->bad);
     MOEROUTE_CUDA_CHECK_LAUNCH();
     const double inv_t = 1.0 / double(T), inv_e = 1.0 / double(E), eps = sc.eps;
     const std::size_t rows_smem = std::size_t(E + detail::sinkhorn_chunk) * sizeof(double);
@@ -1179,9 +1194,9 @@ class CudaEngine {
       }
       MOEROUTE_CUDA_CHECK(
           cudaMemcpyAsync(sk_pinned_status_.data(), sk_status_.data(), sizeof st, cudaMemcpyDeviceToHost, stream_));
-      if (first) check_errors(x);  // synchronises; a bad logit reaches no balancer
       MOEROUTE_CUDA_CHECK(cudaStreamSynchronize(stream_));
       st = *sk_pinned_status_.data();
+      if (first && st.bad != ~0ull) throw_bad_logit(st.bad, x);  // a bad logit reaches no balancer
       if (st.done) break;
     }
     if (!st.converged && sc.on_no_convergence == SinkhornOnNoConvergence::error)

@@ -1282,18 +1282,21 @@ struct SinkhornStatus {
   double residual;
   int done;  ///< converged, or max_iters reached: later launches do nothing
   int converged;
+  /// The batch's first bad logit, coded t·(E+1)+e as the forward codes it (~0: none); its
+  /// own record, so a forward's unchecked one from an earlier batch is not blamed here.
+  unsigned long long bad;
 };
 
-/// Starts a batch: d¹ = 1, no iterations.
+/// Starts a batch: d¹ = 1, no iterations, no bad logit.
 __global__ void __launch_bounds__(sinkhorn_threads) sinkhorn_init_kernel(int E, double* d1, SinkhornStatus* st) {
   for (int e = int(blockIdx.x) * sinkhorn_threads + int(threadIdx.x); e < E; e += int(gridDim.x) * sinkhorn_threads)
     d1[e] = 1.0;
-  if (blockIdx.x == 0 && threadIdx.x == 0) *st = SinkhornStatus{0, INFINITY, 0, 0};
+  if (blockIdx.x == 0 && threadIdx.x == 0) *st = SinkhornStatus{0, INFINITY, 0, 0, ~0ull};
 }
 
 /// K[t, e] = exp_f64(z − max_e z) on the router's fp32 logits (NaN as −inf under that policy),
-/// one warp per token. Bad logits are recorded as the forward records them (the first in
-/// row-major order), so the host can throw before the balancer records the batch.
+/// one warp per token. Bad logits are recorded in `bad` as the forward records them (the
+/// first in row-major order), so the host can throw before the balancer records the batch.
 template <class L>
 __global__ void __launch_bounds__(sinkhorn_threads)
     sinkhorn_exp_kernel(const L* x, index_t stride, int T, int E, bool nan_as_neg_inf, double* K,
@@ -1387,7 +1390,10 @@ __global__ void __launch_bounds__(sinkhorn_threads)
     const double residual = __dmul_rn(diff, inv_e);
     const long long it = st->iterations + 1;
     const bool converged = residual < tol;
-    *st = SinkhornStatus{it, residual, converged || it >= max_iters, converged};
+    st->iterations = it;
+    st->residual = residual;
+    st->done = converged || it >= max_iters;
+    st->converged = converged;
   }
 }
 
