@@ -150,12 +150,18 @@ class Sinkhorn {
 
   [[nodiscard]] const Config& config() const noexcept { return config_; }
 
+  /// Throws invalid_argument unless the logits have this balancer's number of experts as
+  /// columns (selection_logit_offset and a device backend's iteration check alike).
+  void check_columns(index_t cols) const {
+    detail::require(cols == experts_, "logits", "Sinkhorn expects ", experts_, " columns, got ", cols);
+  }
+
   /// The balancer hook (see concepts.hpp): in training, runs the iteration on the fp32
   /// logits `z` [T, E] and writes c = log d¹ into `c` [E]; returns true (apply key z + c).
   /// Outside training, or for an empty batch, writes nothing and returns false (plain
   /// top-k). Throws sinkhorn_error on non-convergence in error mode, with nothing recorded.
   bool selection_logit_offset(MatrixView<const float> z, std::span<float> c, bool training) {
-    detail::require(z.cols == experts_, "logits", "Sinkhorn expects ", experts_, " columns, got ", z.cols);
+    check_columns(z.cols);
     detail::require(index_t(c.size()) == experts_, "offset", "expected ", experts_, " elements, got ", c.size());
     if (!training || z.rows == 0) return false;
     const index_t T = z.rows, E = experts_;

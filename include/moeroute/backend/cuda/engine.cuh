@@ -1156,8 +1156,7 @@ class CudaEngine {
   template <LogitElement L>
   const float* sinkhorn_offset(MatrixView<const L> x, const RouterConfig& c, Sinkhorn& sk, bool training) {
     const index_t T = x.rows, E = x.cols;
-    detail::require(index_t(sk.column_scaling().size()) == E, "logits", "Sinkhorn expects ", sk.column_scaling().size(),
-                    " columns, got ", E);
+    sk.check_columns(E);
     if (!training || T == 0) return nullptr;
     using cuda_detail::sinkhorn_threads;
     const Sinkhorn::Config& sc = sk.config();

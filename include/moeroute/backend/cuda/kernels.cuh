@@ -85,6 +85,38 @@ __device__ inline float load_logit(const L* p) {
     return L::to_float(__ldg(reinterpret_cast<const unsigned short*>(p)));
 }
 
+/// A logit as fp32 under the NaN policy: NaN becomes −inf when allowed, every other value
+/// stays as it is.
+template <class L>
+__device__ inline float policy_logit(const L* p, bool nan_as_neg_inf) {
+  const float v = load_logit(p);
+  return nan_as_neg_inf && v != v ? -INFINITY : v;
+}
+
+/// policy_logit of logit e of token t that also records a value the policy rejects in `bad`
+/// (coded t·(E+1)+e: the smallest code, the first bad logit in row-major order, stays) and
+/// notes a finite value in `any_finite`.
+template <class L>
+__device__ inline float checked_logit(const L* row, index_t t, int e, int E, bool nan_as_neg_inf, bool& any_finite,
+                                      unsigned long long* bad) {
+  const float v = load_logit(row + e);
+  if (isfinite(v)) {
+    any_finite = true;
+    return v;
+  }
+  if (nan_as_neg_inf && v != v) return -INFINITY;
+  atomicMin(bad, static_cast<unsigned long long>(t) * (E + 1) + e);
+  return v;
+}
+
+/// Records token t (code t·(E+1)+E) when no lane of the warp saw a finite logit under
+/// NaN-as-−inf (otherwise each bad logit was recorded by checked_logit). Warp-collective.
+__device__ inline void record_no_finite(index_t t, int E, bool nan_as_neg_inf, bool any_finite,
+                                        unsigned long long* bad) {
+  if (nan_as_neg_inf && !__any_sync(full_mask, any_finite) && (threadIdx.x & 31) == 0)
+    atomicMin(bad, static_cast<unsigned long long>(t) * (E + 1) + E);
+}
+
 // ---------------------------------------------------------------------------------------
 // Warp primitives over a row held as VPT registers per lane.
 // ---------------------------------------------------------------------------------------
@@ -349,21 +381,9 @@ __global__ void __launch_bounds__(256) route_forward_kernel(ForwardParams<L> P) 
 #pragma unroll(VPT <= 16 ? VPT : 1)
     for (int r = 0; r < VPT; ++r) {
       const int e = 32 * r + lane;
-      float v = -INFINITY;
-      if (e < E) {
-        v = load_logit(row + e);
-        if (isfinite(v)) {
-          any_finite = true;
-        } else if (P.nan_as_neg_inf && v != v) {
-          v = -INFINITY;
-        } else {
-          atomicMin(P.bad, static_cast<unsigned long long>(t) * (E + 1) + e);
-        }
-      }
-      z[r] = v;
+      z[r] = e < E ? checked_logit(row, t, e, E, P.nan_as_neg_inf, any_finite, P.bad) : -INFINITY;
     }
-    if (P.nan_as_neg_inf && !__any_sync(full_mask, any_finite) && lane == 0)
-      atomicMin(P.bad, static_cast<unsigned long long>(t) * (E + 1) + E);
+    record_no_finite(t, E, P.nan_as_neg_inf, any_finite, P.bad);
 
     float s[VPT], p[VPT];
     const float lse = warp_score_row<Sc>(z, s, p, lane, E, P.part_lse != nullptr);
@@ -623,12 +643,7 @@ __global__ void __launch_bounds__(256) route_backward_kernel(BackwardParams<L> P
 #pragma unroll(VPT <= 16 ? VPT : 1)
   for (int r = 0; r < VPT; ++r) {
     const int e = 32 * r + lane;
-    float v = -INFINITY;
-    if (e < E) {
-      v = load_logit(row + e);
-      if (P.nan_as_neg_inf && v != v) v = -INFINITY;
-    }
-    z[r] = v;
+    z[r] = e < E ? policy_logit(row + e, P.nan_as_neg_inf) : -INFINITY;
   }
   float s[VPT], p[VPT];
   const float lse = warp_score_row<Sc>(z, s, p, lane, E, dlse_sq != 0.0f);
@@ -1307,26 +1322,12 @@ __global__ void __launch_bounds__(sinkhorn_threads)
     const L* row = x + t * stride;
     float m = -INFINITY;
     bool any_finite = false;
-    for (int e = lane; e < E; e += 32) {
-      float v = load_logit(row + e);
-      if (isfinite(v)) {
-        any_finite = true;
-      } else if (nan_as_neg_inf && v != v) {
-        v = -INFINITY;
-      } else {
-        atomicMin(bad, static_cast<unsigned long long>(t) * (E + 1) + e);
-      }
-      m = fmaxf(m, v);
-    }
+    for (int e = lane; e < E; e += 32) m = fmaxf(m, checked_logit(row, t, e, E, nan_as_neg_inf, any_finite, bad));
     m = warp_max(m);
-    if (nan_as_neg_inf && !__any_sync(full_mask, any_finite) && lane == 0)
-      atomicMin(bad, static_cast<unsigned long long>(t) * (E + 1) + E);
+    record_no_finite(t, E, nan_as_neg_inf, any_finite, bad);
     double* kr = K + t * E;
-    for (int e = lane; e < E; e += 32) {
-      float v = load_logit(row + e);
-      if (nan_as_neg_inf && v != v) v = -INFINITY;
-      kr[e] = detail::exp_f64(__dsub_rn(double(v), double(m)));
-    }
+    for (int e = lane; e < E; e += 32)
+      kr[e] = detail::exp_f64(__dsub_rn(double(policy_logit(row + e, nan_as_neg_inf)), double(m)));
   }
 }
 
