@@ -1,6 +1,8 @@
-// Hot paths that must not allocate once shapes stop growing: LossFree::step, and the
-// expert-choice selection of the reference engine (through Router::route). The global
-// operator new of this executable counts allocations while a probe is armed.
+// Hot paths that must not allocate once shapes stop growing: LossFree::step, the
+// expert-choice selection of the reference engine (through Router::route), and whole
+// training steps (route, backward, step) of the CPU backends on two threads, whichever
+// thread runs which task. The global operator new of this executable counts allocations
+// while a probe is armed.
 #include <doctest/doctest.h>
 
 #include <atomic>
@@ -104,5 +106,61 @@ TEST_CASE("Router<ExpertChoice>::route does not allocate once the batch stops gr
     mr::RoutingView out = router.make_output(buf, T);
     CHECK(allocations_in([&] { router.route(mr::MatrixView<const float>(z.data(), T, E), out); }) == 0);
     CHECK(out.counts[0] == std::min<std::int64_t>(T, router.slots(T)));
+  }
+}
+
+namespace {
+/// A training step (route, backward, step) of Router<Se, B, Be> allocates nothing once a
+/// first step at the largest batch has sized the buffers, for that batch and smaller ones.
+template <class Se, class B, class Be>
+void training_step_does_not_allocate(const typename B::Config& bc = {}) {
+  const mr::index_t E = 64, T_max = 256, k = 8;
+  std::mt19937 gen(5);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> z(std::size_t(T_max * E)), gg(std::size_t(T_max * k)), gz(std::size_t(T_max * E));
+  for (float& v : z) v = nd(gen);
+  for (float& v : gg) v = nd(gen);
+
+  mr::Router<Se, B, Be> router({.num_experts = E, .top_k = k}, bc);
+  if constexpr (requires { router.engine().set_threads(2); }) router.engine().set_threads(2);
+  mr::RoutingBuffers buf;
+  auto step = [&](mr::index_t T, mr::RoutingView& out) {
+    const mr::MatrixView<const float> zv(z.data(), T, E);
+    router.route(zv, out);
+    router.backward(zv, out, mr::MatrixView<const float>(gg.data(), T, k), mr::MatrixView<float>(gz.data(), T, E));
+    router.step();
+  };
+  mr::RoutingView big = router.make_output(buf, T_max);
+  step(T_max, big);  // sizes every workspace
+  for (mr::index_t T : {T_max, mr::index_t(100), mr::index_t(256)}) {
+    CAPTURE(T);
+    mr::RoutingView out = router.make_output(buf, T);
+    CHECK(allocations_in([&] { step(T, out); }) == 0);
+    std::int64_t assigned = 0;
+    for (mr::index_t e = 0; e < E; ++e) assigned += out.counts[std::size_t(e)];
+    CHECK(assigned == std::int64_t(T) * k);  // the step really routed the batch
+  }
+}
+}  // namespace
+
+TEST_CASE("a training step of the CPU backends allocates nothing once the batch stops growing") {
+  SUBCASE("TopK, PhiBalancing<Entropy>, CpuBackend") {
+    training_step_does_not_allocate<mr::TopK<8>, mr::PhiBalancing<mr::Entropy>, mr::CpuBackend>();
+  }
+  SUBCASE("TopK, LossFree + ZLoss, CpuBackend") {
+    training_step_does_not_allocate<mr::TopK<8>, mr::Balancers<mr::LossFree<>, mr::ZLoss>, mr::CpuBackend>();
+  }
+  SUBCASE("GroupTopK, SwitchAux, CpuBackend") {
+    training_step_does_not_allocate<mr::GroupTopK<8, 8, 4>, mr::SwitchAux, mr::CpuBackend>();
+  }
+  SUBCASE("TopK, PhiBias<Entropy> + PerSequenceSwitchAux, CpuBackend") {
+    training_step_does_not_allocate<mr::TopK<8>, mr::Balancers<mr::PhiBias<mr::Entropy>, mr::PerSequenceSwitchAux>,
+                                    mr::CpuBackend>();
+  }
+  SUBCASE("TopK, Sinkhorn, CpuBackend") {
+    training_step_does_not_allocate<mr::TopK<8>, mr::Sinkhorn, mr::CpuBackend>();
+  }
+  SUBCASE("TopK, PhiBalancing<Squared>, ReferenceBackend") {
+    training_step_does_not_allocate<mr::TopK<8>, mr::PhiBalancing<mr::Squared>, mr::ReferenceBackend>();
   }
 }

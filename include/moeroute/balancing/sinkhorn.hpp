@@ -32,6 +32,16 @@ MOEROUTE_HD inline double sinkhorn_row_sum(const double* k, const double* d, ind
     for (int l = 0; l < o; ++l) p[l] = p[l] + p[l + o];
   return p[0];
 }
+
+/// Σ_e a_e in the same order as sinkhorn_row_sum (32 interleaved partials, then the
+/// butterfly): the residual's sum, which one warp forms on a device in a few steps.
+MOEROUTE_HD inline double sinkhorn_sum(const double* a, index_t n) noexcept {
+  double p[32] = {};
+  for (index_t e = 0; e < n; ++e) p[e % 32] = p[e % 32] + a[e];
+  for (int o = 16; o > 0; o >>= 1)
+    for (int l = 0; l < o; ++l) p[l] = p[l] + p[l + o];
+  return p[0];
+}
 }  // namespace detail
 
 /// What Sinkhorn does when the iteration reaches its cap without meeting the tolerance.
@@ -177,11 +187,19 @@ class Sinkhorn {
       for (index_t e = 0; e < E; ++e) kr[e] = detail::exp_f64(double(zr[e]) - m);
     }
 
-    // The iteration in the summation order of detail::sinkhorn_row_sum and of column sums
-    // over fixed chunks of tokens (detail::sinkhorn_chunk), with every product-and-add an
-    // fma, so a device iteration reproduces it bit for bit.
+    // The iteration in the summation order of detail::sinkhorn_row_sum, of column sums
+    // over fixed chunks of tokens (detail::sinkhorn_chunk) and of detail::sinkhorn_sum for
+    // the residual, with every product-and-add an fma, so a device iteration reproduces it
+    // bit for bit.
     const double inv_t = 1.0 / double(T), inv_e = 1.0 / double(E), eps = config_.eps;
-    std::vector<double> d0(static_cast<std::size_t>(T)), d1(Es, 1.0), col(Es), part(Es);
+    auto& d0 = work_d0_;
+    auto& d1 = work_d1_;
+    auto& col = col_;
+    auto& part = part_;
+    d0.resize(std::size_t(T));
+    d1.assign(Es, 1.0);
+    col.resize(Es);
+    part.resize(Es);
     index_t it = 0;
     double residual = INFINITY;
     bool converged = false;
@@ -198,13 +216,12 @@ class Sinkhorn {
         }
         for (std::size_t e = 0; e < Es; ++e) col[e] += part[e];
       }
-      double diff = 0.0;
       for (std::size_t e = 0; e < Es; ++e) {
         const double next = inv_e / (col[e] + eps);
-        diff += std::fabs(next - d1[e]);
+        part[e] = std::fabs(next - d1[e]);  // part is free again: |d¹ − d¹_prev|
         d1[e] = next;
       }
-      residual = diff * inv_e;
+      residual = detail::sinkhorn_sum(part.data(), E) * inv_e;
       if (residual < config_.tol) {
         converged = true;
         break;
@@ -214,7 +231,7 @@ class Sinkhorn {
       throw sinkhorn_error(it, residual, config_.tol);
 
     offset_of(d1, c);
-    record(std::move(d0), std::move(d1), it, residual, converged);
+    commit(it, residual, converged);
     return true;
   }
 
@@ -228,15 +245,13 @@ class Sinkhorn {
   /// on the GPU, in this class's order of operations): its d⁰ [T] and d¹ [E], the
   /// iterations, the last residual and whether it converged. selection_logit_offset calls
   /// it after its own iteration; nothing else changes the recorded batch.
-  void record(std::vector<double> d0, std::vector<double> d1, index_t iterations, double residual, bool converged) {
+  /// Copies into workspace sized once, so recording allocates nothing once T stops growing.
+  void record(std::span<const double> d0, std::span<const double> d1, index_t iterations, double residual,
+              bool converged) {
     detail::require(index_t(d1.size()) == experts_, "d1", "expected ", experts_, " elements, got ", d1.size());
-    d1_ = std::move(d1);
-    d0_ = std::move(d0);
-    iterations_ = iterations;
-    residual_ = residual;
-    converged_ = converged;
-    ++batches_;
-    if (!converged) ++unconverged_batches_;
+    work_d0_.assign(d0.begin(), d0.end());
+    work_d1_.assign(d1.begin(), d1.end());
+    commit(iterations, residual, converged);
   }
 
   /// d¹ of the last training batch [E] (ones before the first batch): the per-expert column
@@ -270,10 +285,26 @@ class Sinkhorn {
   [[nodiscard]] std::int64_t unconverged_batches() const noexcept { return unconverged_batches_; }
 
  private:
+  /// Makes the workspace's d⁰ and d¹ the recorded batch (the old record becomes workspace,
+  /// with room for this batch's T: the next batch of the same size allocates nothing).
+  void commit(index_t iterations, double residual, bool converged) {
+    d0_.reserve(work_d0_.size());
+    d0_.swap(work_d0_);
+    d1_.swap(work_d1_);
+    iterations_ = iterations;
+    residual_ = residual;
+    converged_ = converged;
+    ++batches_;
+    if (!converged) ++unconverged_batches_;
+  }
+
   index_t experts_;
   Config config_;
   std::vector<double> k_;  // workspace: the row-shifted exp(Z)
   std::vector<double> d0_, d1_;
+  // the iteration's workspace: d⁰, d¹ (swapped with the record by commit), column sums and
+  // a chunk's partials (then |d¹ − d¹_prev|)
+  std::vector<double> work_d0_, work_d1_, col_, part_;
   index_t iterations_ = 0;
   double residual_ = 0.0;
   bool converged_ = true;

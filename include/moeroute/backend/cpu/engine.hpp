@@ -223,6 +223,7 @@ struct RowScratch {
     for (auto* v : {&z, &s, &key, &gkey, &z2, &s2}) std::fill(v->begin() + E, v->begin() + n, -INFINITY);
   }
 };
+/// Scratch of a thread that is not one of a pool's slots (a user parallel-for's threads).
 inline RowScratch& row_scratch() {
   thread_local RowScratch r;
   return r;
@@ -358,13 +359,37 @@ class CpuEngine {
   }
 
  private:
-  void parallel(index_t n, const std::function<void(index_t)>& body) {
+  /// Runs body(i), i in [0, n), on the engine's threads. The std::function holds a reference
+  /// to the body (stored in place: no allocation however much the lambda captures).
+  template <class F>
+  void parallel(index_t n, F&& body) {
+    const std::function<void(index_t)> f = std::ref(body);
     if (user_)
-      user_(n, body);
+      user_(n, f);
     else if (pool_)
-      pool_->run(n, body);
+      pool_->run(n, f);
     else
       for (index_t i = 0; i < n; ++i) body(i);
+  }
+
+  /// The calling thread's row scratch: its slot's in the engine's pool, so the workspace is
+  /// sized up front by reserve_scratch and no task allocates; a user parallel-for's threads
+  /// (unknown to the engine) use thread-local scratch, sized on their first task.
+  cpu::RowScratch& scratch() {
+    if (!user_) {
+      const std::size_t i = std::size_t(pool_ ? pool_->slot() : 0);
+      if (i < scratch_.size()) return scratch_[i];
+    }
+    return cpu::row_scratch();
+  }
+  /// Sizes every slot's scratch for rows of E experts (and `ranked` rank keys), on the caller.
+  void reserve_scratch(index_t E, index_t ranked = 0) {
+    const std::size_t slots = user_ ? 0 : std::size_t(threads());
+    if (scratch_.size() < slots) scratch_.resize(slots);
+    for (cpu::RowScratch& r : scratch_) {
+      r.reserve(E);
+      if (index_t(r.ranked.size()) < ranked) r.ranked.resize(std::size_t(ranked));
+    }
   }
 
   /// Chooses the k experts of one token from its keys.
@@ -424,8 +449,9 @@ class CpuEngine {
       all_key_.resize(std::size_t(T * cpu::key_tiles(E) * cpu::key_tile));
     }
 
+    reserve_scratch(E);
     parallel(C, [&](index_t ci) {
-      cpu::RowScratch& r = cpu::row_scratch();
+      cpu::RowScratch& r = scratch();
       r.reserve(E);
       double* acc = acc_.data() + ci * E;
       std::int32_t* cnt = cnt_.data() + ci * E;
@@ -538,9 +564,10 @@ class CpuEngine {
     }
     if constexpr (expert) {  // each expert's top-C tokens, tiles of experts in parallel
       const index_t cap = k;
+      reserve_scratch(E, cpu::key_tile * (T + 24));
       parallel(cpu::key_tiles(E), [&](index_t b) {
         const index_t e0 = b * cpu::key_tile, e1 = std::min(E, e0 + cpu::key_tile);
-        cpu::RowScratch& r = cpu::row_scratch();
+        cpu::RowScratch& r = scratch();
         // the rank keys of the tile's experts, one array each, from one sequential read of the
         // tile (the padding keeps the arrays out of the same cache sets)
         const index_t pitch = T + 24, n = e1 - e0;
@@ -581,8 +608,9 @@ class CpuEngine {
         }
     }
 
+    reserve_scratch(E);
     parallel(C, [&](index_t ci) {
-      cpu::RowScratch& r = cpu::row_scratch();
+      cpu::RowScratch& r = scratch();
       r.reserve(E);
       const index_t t0 = starts_[std::size_t(ci)], t1 = starts_[std::size_t(ci) + 1];
       float* dp = nullptr;
@@ -695,6 +723,7 @@ class CpuEngine {
   ReferenceEngine<Sc, Se> ref_;
   std::shared_ptr<ThreadPool> pool_;
   ParallelFor user_;
+  std::vector<cpu::RowScratch> scratch_;  ///< one per slot of pool_ (one without a pool)
   std::vector<index_t> starts_;
   std::vector<double> acc_, lse_;
   std::vector<float> all_s_, all_ds_;  ///< expert choice: scores and ∂L/∂s [T, E]

@@ -27,7 +27,7 @@ class ThreadPool {
  public:
   /// `threads` >= 1 threads in all (the caller counts as one).
   explicit ThreadPool(int threads) : threads_(std::max(threads, 1)) {
-    for (int i = 1; i < threads_; ++i) workers_.emplace_back([this] { work(); });
+    for (int i = 1; i < threads_; ++i) workers_.emplace_back([this, i] { work(i); });
   }
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
@@ -42,9 +42,15 @@ class ThreadPool {
 
   [[nodiscard]] int threads() const noexcept { return threads_; }
 
+  /// The calling thread's slot in this pool, in [0, threads()): i for worker i, 0 for any
+  /// thread that is not one of its workers (the caller of run(), which runs are serialised
+  /// on). Lets a body index per-thread workspace sized once, instead of thread-local storage
+  /// that each worker would size on its first task (an allocation at an arbitrary step).
+  [[nodiscard]] int slot() const noexcept { return current().pool == this ? current().slot : 0; }
+
   /// Runs body(i) for i in [0, n) on the pool and the calling thread; returns when all are
-  /// done (workers that wake late find no task left; the caller never waits for them).
-  /// Calls from several threads are serialised.
+  /// done and every worker that joined has left (workers that wake later find the job
+  /// closed). Allocates nothing. Calls from several threads are serialised.
   void run(index_t n, const std::function<void(index_t)>& body) {
     if (n <= 0) return;
     if (threads_ == 1 || n == 1) {
@@ -52,49 +58,66 @@ class ThreadPool {
       return;
     }
     std::lock_guard<std::mutex> serial(run_mu_);
-    auto job = std::make_shared<Job>(&body, n);
     {
       std::lock_guard<std::mutex> lock(mu_);
-      job_ = job;
+      job_.body = &body;
+      job_.n = n;
+      job_.next.store(0, std::memory_order_relaxed);
+      job_.done.store(0, std::memory_order_relaxed);
+      open_ = true;
       ++generation_;
     }
     wake_.notify_all();
-    drain(*job);
+    drain();
     std::unique_lock<std::mutex> lock(mu_);
-    done_.wait(lock, [&] { return job->done.load(std::memory_order_acquire) == n; });
-    job_.reset();
+    // no worker may still be reading the job when the next run rewrites it
+    done_.wait(lock, [&] { return job_.done.load(std::memory_order_acquire) == n && inside_ == 0; });
+    open_ = false;
   }
 
  private:
-  /// One run: its own counters, kept alive by every thread that took part.
+  /// The current run; its fields are written under mu_ before workers join (under mu_).
   struct Job {
-    Job(const std::function<void(index_t)>* b, index_t count) : body(b), n(count) {}
-    const std::function<void(index_t)>* body;
-    index_t n;
+    const std::function<void(index_t)>* body = nullptr;
+    index_t n = 0;
     std::atomic<index_t> next{0}, done{0};
   };
-  void drain(Job& j) {
-    for (index_t i = j.next.fetch_add(1, std::memory_order_relaxed); i < j.n;
-         i = j.next.fetch_add(1, std::memory_order_relaxed)) {
-      (*j.body)(i);
-      if (j.done.fetch_add(1, std::memory_order_acq_rel) + 1 == j.n) {
+  struct Slot {
+    const ThreadPool* pool = nullptr;
+    int slot = 0;
+  };
+  static Slot& current() noexcept {
+    thread_local Slot s;
+    return s;
+  }
+  void drain() {
+    for (index_t i = job_.next.fetch_add(1, std::memory_order_relaxed); i < job_.n;
+         i = job_.next.fetch_add(1, std::memory_order_relaxed)) {
+      (*job_.body)(i);
+      if (job_.done.fetch_add(1, std::memory_order_acq_rel) + 1 == job_.n) {
         std::lock_guard<std::mutex> lock(mu_);
         done_.notify_all();
       }
     }
   }
-  void work() {
+  void work(int slot) {
+    current() = Slot{this, slot};
     std::uint64_t seen = 0;
     for (;;) {
-      std::shared_ptr<Job> job;
       {
         std::unique_lock<std::mutex> lock(mu_);
         wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
         if (stop_) return;
         seen = generation_;
-        job = job_;
+        if (!open_) continue;  // woke after its run ended
+        ++inside_;
       }
-      if (job) drain(*job);
+      drain();
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        --inside_;
+      }
+      done_.notify_all();
     }
   }
 
@@ -102,7 +125,9 @@ class ThreadPool {
   std::vector<std::thread> workers_;
   std::mutex mu_, run_mu_;
   std::condition_variable wake_, done_;
-  std::shared_ptr<Job> job_;
+  Job job_;
+  bool open_ = false;  ///< workers may join job_ (under mu_)
+  int inside_ = 0;     ///< workers inside drain() (under mu_)
   std::uint64_t generation_ = 0;
   bool stop_ = false;
 };

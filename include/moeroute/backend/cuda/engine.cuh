@@ -1164,6 +1164,7 @@ class CudaEngine {
     sk_k_.reserve(std::size_t(T * E));
     sk_d0_.reserve(std::size_t(T));
     sk_d1_.reserve(std::size_t(E));
+    sk_diff_.reserve(std::size_t(E));
     sk_part_.reserve(std::size_t(chunks * E));
     sk_status_.reserve(1);
     sk_pinned_status_.reserve(1);
@@ -1180,16 +1181,23 @@ class CudaEngine {
     MOEROUTE_CUDA_CHECK_LAUNCH();
     const double inv_t = 1.0 / double(T), inv_e = 1.0 / double(E), eps = sc.eps;
     const std::size_t rows_smem = std::size_t(E + detail::sinkhorn_chunk) * sizeof(double);
+    const unsigned col_blocks = unsigned((E + sinkhorn_threads - 1) / sinkhorn_threads);
+    const auto max_iters = static_cast<long long>(sc.max_iters);
     cuda_detail::SinkhornStatus st{};
     for (bool first = true;; first = false) {
       for (int g = 0; g < sinkhorn_group; ++g) {
         cuda_detail::sinkhorn_rows_kernel<<<unsigned(chunks), sinkhorn_threads, rows_smem, stream_>>>(
             sk_k_.data(), int(T), int(E), inv_t, eps, sk_d1_.data(), sk_d0_.data(), sk_part_.data(), sk_status_.data());
         MOEROUTE_CUDA_CHECK_LAUNCH();
-        cuda_detail::sinkhorn_cols_kernel<<<1, sinkhorn_threads, std::size_t(E) * sizeof(double), stream_>>>(
-            sk_part_.data(), int(chunks), int(E), inv_e, eps, sc.tol, static_cast<long long>(sc.max_iters),
-            sk_d1_.data(), sk_status_.data());
+        cuda_detail::sinkhorn_cols_kernel<<<col_blocks, sinkhorn_threads, 0, stream_>>>(
+            sk_part_.data(), int(chunks), int(E), inv_e, eps, sc.tol, max_iters, sk_d1_.data(), sk_diff_.data(),
+            sk_status_.data());
         MOEROUTE_CUDA_CHECK_LAUNCH();
+        if (col_blocks > 1) {
+          cuda_detail::sinkhorn_residual_kernel<<<1, 32, 0, stream_>>>(sk_diff_.data(), int(E), inv_e, sc.tol,
+                                                                       max_iters, sk_status_.data());
+          MOEROUTE_CUDA_CHECK_LAUNCH();
+        }
       }
       MOEROUTE_CUDA_CHECK(
           cudaMemcpyAsync(sk_pinned_status_.data(), sk_status_.data(), sizeof st, cudaMemcpyDeviceToHost, stream_));
@@ -1210,8 +1218,8 @@ class CudaEngine {
     MOEROUTE_CUDA_CHECK_LAUNCH();
     MOEROUTE_CUDA_CHECK(cudaStreamSynchronize(stream_));
     const double* h = sk_pinned_f64_.data();
-    sk.record(std::vector<double>(h, h + T), std::vector<double>(h + T, h + T + E), index_t(st.iterations), st.residual,
-              st.converged != 0);
+    sk.record(std::span<const double>(h, std::size_t(T)), std::span<const double>(h + T, std::size_t(E)),
+              index_t(st.iterations), st.residual, st.converged != 0);
     return bias_.data();
   }
 
@@ -1293,7 +1301,7 @@ class CudaEngine {
   cuda_detail::PinnedArray<std::byte> pinned_logits_;
   std::vector<float> host_logits_, host_offset_;
   // Sinkhorn's device iteration: K [T, E], d⁰ [T], d¹ [E], column partials [chunks, E]
-  cuda_detail::DeviceArray<double> sk_k_, sk_d0_, sk_d1_, sk_part_;
+  cuda_detail::DeviceArray<double> sk_k_, sk_d0_, sk_d1_, sk_diff_, sk_part_;
   cuda_detail::DeviceArray<cuda_detail::SinkhornStatus> sk_status_;
   cuda_detail::PinnedArray<cuda_detail::SinkhornStatus> sk_pinned_status_;
   cuda_detail::PinnedArray<double> sk_pinned_f64_;

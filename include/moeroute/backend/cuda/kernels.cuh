@@ -1368,27 +1368,17 @@ __global__ void __launch_bounds__(sinkhorn_threads)
   }
 }
 
-/// The column half of one iteration (one block): d¹_e = (1/E) / (Σ_c part[c, e] + ε) with the
-/// chunks in order, the residual mean_e |d¹ − d¹_prev| summed in expert order by one thread,
-/// and the stopping test. Does nothing once the iteration is done.
-__global__ void __launch_bounds__(sinkhorn_threads)
-    sinkhorn_cols_kernel(const double* part, int chunks, int E, double inv_e, double eps, double tol,
-                         long long max_iters, double* d1, SinkhornStatus* st) {
-  extern __shared__ double sinkhorn_smem[];  // |d¹ − d¹_prev| [E]
-  const bool done = st->done != 0;           // every thread reads it before thread 0 writes
-  if (done) return;
-  for (int e = threadIdx.x; e < E; e += sinkhorn_threads) {
-    double col = 0.0;
-    for (int c = 0; c < chunks; ++c) col = __dadd_rn(col, part[index_t(c) * E + e]);
-    const double next = inv_e / __dadd_rn(col, eps);
-    sinkhorn_smem[e] = fabs(__dsub_rn(next, d1[e]));
-    d1[e] = next;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double diff = 0.0;
-    for (int e = 0; e < E; ++e) diff = __dadd_rn(diff, sinkhorn_smem[e]);
-    const double residual = __dmul_rn(diff, inv_e);
+/// The residual mean_e |d¹ − d¹_prev| in detail::sinkhorn_sum's order (lane l is partial l,
+/// the butterfly combines them) and the stopping test; run by one warp.
+__device__ inline void sinkhorn_finish_warp(const double* diff, int E, double inv_e, double tol, long long max_iters,
+                                            SinkhornStatus* st) {
+  const int lane = threadIdx.x & 31;
+  double p = 0.0;
+  for (int e = lane; e < E; e += 32) p = __dadd_rn(p, diff[e]);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) p = __dadd_rn(p, __shfl_xor_sync(full_mask, p, o));
+  if (lane == 0) {
+    const double residual = __dmul_rn(p, inv_e);
     const long long it = st->iterations + 1;
     const bool converged = residual < tol;
     st->iterations = it;
@@ -1396,6 +1386,36 @@ __global__ void __launch_bounds__(sinkhorn_threads)
     st->done = converged || it >= max_iters;
     st->converged = converged;
   }
+}
+
+/// The column half of one iteration, a thread per expert over the grid: d¹_e = (1/E) /
+/// (Σ_c part[c, e] + ε) with the chunks in order, and |d¹_e − d¹_prev,e| into diff[e]. A
+/// grid of one block (E ≤ sinkhorn_threads) also forms the residual and the stopping test;
+/// a larger grid leaves them to sinkhorn_residual_kernel. Does nothing once the iteration
+/// is done.
+__global__ void __launch_bounds__(sinkhorn_threads)
+    sinkhorn_cols_kernel(const double* part, int chunks, int E, double inv_e, double eps, double tol,
+                         long long max_iters, double* d1, double* diff, SinkhornStatus* st) {
+  const bool done = st->done != 0;  // every thread reads it before the finishing warp writes
+  if (done) return;
+  for (int e = int(blockIdx.x) * sinkhorn_threads + int(threadIdx.x); e < E; e += int(gridDim.x) * sinkhorn_threads) {
+    double col = 0.0;
+    for (int c = 0; c < chunks; ++c) col = __dadd_rn(col, part[index_t(c) * E + e]);
+    const double next = inv_e / __dadd_rn(col, eps);
+    diff[e] = fabs(__dsub_rn(next, d1[e]));
+    d1[e] = next;
+  }
+  if (gridDim.x != 1) return;
+  __syncthreads();  // the block's diff writes are visible to its first warp
+  if (threadIdx.x < 32) sinkhorn_finish_warp(diff, E, inv_e, tol, max_iters, st);
+}
+
+/// The residual and stopping test after a column kernel of more than one block (one warp).
+__global__ void __launch_bounds__(32) sinkhorn_residual_kernel(const double* diff, int E, double inv_e, double tol,
+                                                               long long max_iters, SinkhornStatus* st) {
+  const bool done = st->done != 0;  // every lane reads it before lane 0 writes (the butterfly orders them)
+  if (done) return;
+  sinkhorn_finish_warp(diff, E, inv_e, tol, max_iters, st);
 }
 
 /// The selection offset c_e = log_f32(float(d¹_e)), as Sinkhorn::offset_of.
