@@ -1,8 +1,8 @@
 // Hot paths that must not allocate once shapes stop growing: LossFree::step, the
 // expert-choice selection of the reference engine (through Router::route), and whole
 // training steps (route, backward, step) of the CPU backends on two threads, whichever
-// thread runs which task. The global operator new of this executable counts allocations
-// while a probe is armed.
+// thread runs which task, and a dispatch plan's build, gather, combine and backward. The global operator new of this
+// executable counts allocations while a probe is armed.
 #include <doctest/doctest.h>
 
 #include <atomic>
@@ -162,5 +162,50 @@ TEST_CASE("a training step of the CPU backends allocates nothing once the batch 
   }
   SUBCASE("TopK, PhiBalancing<Squared>, ReferenceBackend") {
     training_step_does_not_allocate<mr::TopK<8>, mr::PhiBalancing<mr::Squared>, mr::ReferenceBackend>();
+  }
+}
+
+TEST_CASE("DispatchPlan build, gather, combine and their backward allocate nothing once shapes stop growing") {
+  const mr::index_t E = 16, T_max = 256, k = 4, d = 8;
+  std::mt19937 gen(9);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> z(std::size_t(T_max * E)), x(std::size_t(T_max * d)), y(std::size_t(T_max * d)),
+      gy(std::size_t(T_max * d)), gx(std::size_t(T_max * d)), gg(std::size_t(T_max * k));
+  for (float& v : z) v = nd(gen);
+  for (float& v : x) v = nd(gen);
+  for (float& v : gy) v = nd(gen);
+  const mr::index_t max_rows = T_max * k + E * 7;  // every assignment kept, plus tile padding
+  std::vector<float> buf(std::size_t(max_rows * d)), gbuf(std::size_t(max_rows * d));
+
+  mr::Router<mr::TopK<4>, mr::NoBalancing, mr::CpuBackend> router({.num_experts = E, .top_k = k});
+  mr::RoutingBuffers rb;
+  mr::DispatchPlan plan({.drop = mr::DropPolicy::gate_weight, .capacity_factor = 1.0, .tile = 8});
+  auto layer = [&](mr::index_t T, mr::RoutingView& out) {
+    router.route(mr::MatrixView<const float>(z.data(), T, E), out);
+    plan.build(out);
+    const mr::index_t R = plan.rows();
+    mr::MatrixView<float> b(buf.data(), R, d), g(gbuf.data(), R, d);
+    const mr::MatrixView<const float> gates(out.gates.data(), T, k);
+    plan.gather(mr::MatrixView<const float>(x.data(), T, d), b);
+    // the identity expert: y_t = (Σ of t's kept gates) · x_t
+    plan.combine(mr::MatrixView<const float>(b.data, R, d), gates, mr::MatrixView<float>(y.data(), T, d));
+    plan.combine_backward(mr::MatrixView<const float>(gy.data(), T, d), mr::MatrixView<const float>(b.data, R, d),
+                          gates, g, mr::MatrixView<float>(gg.data(), T, k));
+    plan.gather_backward(mr::MatrixView<const float>(g.data, R, d), mr::MatrixView<float>(gx.data(), T, d));
+  };
+  mr::RoutingView big = router.make_output(rb, T_max);
+  layer(T_max, big);  // sizes the plan's workspace
+  for (mr::index_t T : {T_max, mr::index_t(100), mr::index_t(256)}) {
+    CAPTURE(T);
+    mr::RoutingView out = router.make_output(rb, T);
+    CHECK(allocations_in([&] { layer(T, out); }) == 0);
+    CHECK(plan.num_dropped() > 0);  // capacity factor 1 on random logits drops some
+    const auto mask = plan.dropped_mask();
+    for (mr::index_t t = 0; t < T; t += 37) {
+      float kept = 0.0f;
+      for (mr::index_t j = 0; j < k; ++j)
+        if (!mask[std::size_t(t * k + j)]) kept += out.gates[std::size_t(t * k + j)];
+      CHECK(y[std::size_t(t * d)] == doctest::Approx(kept * x[std::size_t(t * d)]).epsilon(1e-5));
+    }
   }
 }
