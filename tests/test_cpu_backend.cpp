@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <memory>
@@ -16,6 +17,7 @@
 #include <moeroute/moeroute.hpp>
 #include <numeric>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <type_traits>
@@ -357,6 +359,51 @@ TEST_CASE("cpu backend: NaN as -inf, and the reference's error for a non-finite 
   CHECK(!m1.empty());
   CHECK(m1 == m2);
   CHECK_THROWS_AS(cpu2.engine().set_threads(0), mr::invalid_argument);
+}
+
+TEST_CASE("ThreadPool: every task once, distinct slots within a run, and a throwing body on the caller") {
+  mr::ThreadPool pool(4);
+  for (int round = 0; round < 50; ++round) {
+    const index_t n = 1 + round * 7;
+    std::vector<std::atomic<int>> hits(static_cast<std::size_t>(n));
+    std::atomic<int> in_slot[4] = {};
+    std::atomic<bool> shared_slot{false};
+    pool.run(n, [&](index_t i) {
+      const int s = pool.slot();
+      if (s < 0 || s >= 4 || in_slot[s].fetch_add(1) != 0) shared_slot = true;
+      hits[std::size_t(i)].fetch_add(1);
+      in_slot[s].fetch_sub(1);
+    });
+    CAPTURE(n);
+    CHECK(!shared_slot.load());
+    CHECK(std::all_of(hits.begin(), hits.end(), [](const std::atomic<int>& h) { return h.load() == 1; }));
+  }
+  // the caller's body throws while the workers still hold tasks: run rethrows once they have
+  // let go, and the pool still works
+  for (int round = 0; round < 20; ++round) {
+    std::atomic<bool> thrown{false};
+    std::atomic<int> started{0};
+    CHECK_THROWS_AS(pool.run(200,
+                             [&](index_t) {
+                               started.fetch_add(1);
+                               if (pool.slot() == 0) {
+                                 thrown = true;
+                                 throw std::runtime_error("body failed");
+                               }
+                               // each worker holds its task until the caller has thrown (the
+                               // caller gets one: 200 tasks, 3 workers), then takes a while
+                               while (!thrown.load()) std::this_thread::yield();
+                               std::this_thread::sleep_for(std::chrono::microseconds(200));
+                             }),
+                    std::runtime_error);
+    const int at_return = started.load();
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    CHECK(started.load() == at_return);  // no worker was still at it when run returned
+    CHECK(at_return < 50);               // the tasks left were not started
+    std::atomic<int> count{0};
+    pool.run(300, [&](index_t) { count.fetch_add(1); });
+    CHECK(count.load() == 300);
+  }
 }
 
 TEST_CASE("cpu backend: a user parallel-for and a shared pool give the same results") {

@@ -323,6 +323,7 @@ class CpuEngine {
   void set_parallel_for(ParallelFor pf) {
     user_ = std::move(pf);
     pool_ = nullptr;
+    scratch_.clear();  // the user's threads use thread-local scratch
   }
   /// Threads of the engine's own or shared pool (1 with a user parallel-for: unknown to us).
   [[nodiscard]] int threads() const noexcept { return pool_ ? pool_->threads() : 1; }
@@ -384,7 +385,8 @@ class CpuEngine {
   }
   /// Sizes every slot's scratch for rows of E experts (and `ranked` rank keys), on the caller.
   void reserve_scratch(index_t E, index_t ranked = 0) {
-    const std::size_t slots = user_ ? 0 : std::size_t(threads());
+    if (user_) return;
+    const auto slots = std::size_t(threads());
     if (scratch_.size() < slots) scratch_.resize(slots);
     for (cpu::RowScratch& r : scratch_) {
       r.reserve(E);

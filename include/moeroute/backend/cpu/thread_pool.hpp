@@ -43,14 +43,18 @@ class ThreadPool {
   [[nodiscard]] int threads() const noexcept { return threads_; }
 
   /// The calling thread's slot in this pool, in [0, threads()): i for worker i, 0 for any
-  /// thread that is not one of its workers (the caller of run(), which runs are serialised
-  /// on). Lets a body index per-thread workspace sized once, instead of thread-local storage
-  /// that each worker would size on its first task (an allocation at an arbitrary step).
+  /// thread that is not one of its workers (such as the caller of run()). Within one run the
+  /// slots of the threads taking part are distinct, so a body can index per-thread workspace
+  /// sized once, instead of thread-local storage that each worker would size on its first
+  /// task (an allocation at an arbitrary step). Runs that execute inline (n == 1 or one
+  /// thread) are not serialised with others: their slot 0 is distinct only within the run.
   [[nodiscard]] int slot() const noexcept { return current().pool == this ? current().slot : 0; }
 
   /// Runs body(i) for i in [0, n) on the pool and the calling thread; returns when all are
   /// done and every worker that joined has left (workers that wake later find the job
-  /// closed). Allocates nothing. Calls from several threads are serialised.
+  /// closed). Allocates nothing. Calls from several threads are serialised. If a body throws
+  /// on the calling thread, no further task starts, run waits for the tasks the workers hold
+  /// and rethrows; a body that throws on a worker terminates the program (std::thread).
   void run(index_t n, const std::function<void(index_t)>& body) {
     if (n <= 0) return;
     if (threads_ == 1 || n == 1) {
@@ -68,7 +72,15 @@ class ThreadPool {
       ++generation_;
     }
     wake_.notify_all();
-    drain();
+    try {
+      drain();
+    } catch (...) {
+      job_.next.store(n, std::memory_order_relaxed);  // hand out no further task
+      std::unique_lock<std::mutex> lock(mu_);
+      done_.wait(lock, [&] { return inside_ == 0; });
+      open_ = false;
+      throw;
+    }
     std::unique_lock<std::mutex> lock(mu_);
     // no worker may still be reading the job when the next run rewrites it
     done_.wait(lock, [&] { return job_.done.load(std::memory_order_acquire) == n && inside_ == 0; });
