@@ -22,15 +22,20 @@ namespace detail {
 /// then the chunks in order), so a GPU block can own a chunk.
 inline constexpr index_t sinkhorn_chunk = 256;
 
-/// Σ_e k_e·d_e in Sinkhorn's row order: 32 interleaved partial sums (partial l takes e ≡ l
-/// mod 32, in increasing e, by fma), combined pairwise as a warp's butterfly does (l with
+/// The 32 partials of Sinkhorn's sums combined pairwise as a warp's butterfly does (l with
 /// l + 16, then l + 8, ... 1).
-MOEROUTE_HD inline double sinkhorn_row_sum(const double* k, const double* d, index_t n) noexcept {
-  double p[32] = {};
-  for (index_t e = 0; e < n; ++e) p[e % 32] = fma_f64(k[e], d[e], p[e % 32]);
+MOEROUTE_HD inline double sinkhorn_combine(double (&p)[32]) noexcept {
   for (int o = 16; o > 0; o >>= 1)
     for (int l = 0; l < o; ++l) p[l] = p[l] + p[l + o];
   return p[0];
+}
+
+/// Σ_e k_e·d_e in Sinkhorn's row order: 32 interleaved partial sums (partial l takes e ≡ l
+/// mod 32, in increasing e, by fma), then sinkhorn_combine.
+MOEROUTE_HD inline double sinkhorn_row_sum(const double* k, const double* d, index_t n) noexcept {
+  double p[32] = {};
+  for (index_t e = 0; e < n; ++e) p[e % 32] = fma_f64(k[e], d[e], p[e % 32]);
+  return sinkhorn_combine(p);
 }
 
 /// Σ_e a_e in the same order as sinkhorn_row_sum (32 interleaved partials, then the
@@ -38,9 +43,7 @@ MOEROUTE_HD inline double sinkhorn_row_sum(const double* k, const double* d, ind
 MOEROUTE_HD inline double sinkhorn_sum(const double* a, index_t n) noexcept {
   double p[32] = {};
   for (index_t e = 0; e < n; ++e) p[e % 32] = p[e % 32] + a[e];
-  for (int o = 16; o > 0; o >>= 1)
-    for (int l = 0; l < o; ++l) p[l] = p[l] + p[l + o];
-  return p[0];
+  return sinkhorn_combine(p);
 }
 }  // namespace detail
 

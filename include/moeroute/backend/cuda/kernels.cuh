@@ -1352,8 +1352,7 @@ __global__ void __launch_bounds__(sinkhorn_threads)
     const double* kr = K + (t0 + i) * E;
     double p = 0.0;
     for (int e = lane; e < E; e += 32) p = detail::fma_f64(kr[e], sd1[e], p);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) p = __dadd_rn(p, __shfl_xor_sync(full_mask, p, o));
+    p = warp_sum(p);  // the host's pairwise combination of the 32 partials
     const double d = inv_t / __dadd_rn(p, eps);
     if (lane == 0) {
       sd0[i] = d;
@@ -1375,8 +1374,7 @@ __device__ inline void sinkhorn_finish_warp(const double* diff, int E, double in
   const int lane = threadIdx.x & 31;
   double p = 0.0;
   for (int e = lane; e < E; e += 32) p = __dadd_rn(p, diff[e]);
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) p = __dadd_rn(p, __shfl_xor_sync(full_mask, p, o));
+  p = warp_sum(p);
   if (lane == 0) {
     const double residual = __dmul_rn(p, inv_e);
     const long long it = st->iterations + 1;
