@@ -23,6 +23,9 @@
 #include <cstring>
 #include <ctime>
 #include <functional>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 #include <moeroute/backend/cpu/engine.hpp>
 #include <moeroute/moeroute.hpp>
 #include <numeric>
@@ -313,6 +316,14 @@ double find(const std::vector<Row>& rows, const Row& like, const char* pass, con
 }  // namespace
 
 int main(int argc, char** argv) {
+#if defined(__GLIBC__)
+  // Every block from the heap and none given back: libtorch allocates its tensors on each call,
+  // and under glibc's defaults a large one is a fresh mapping whose page faults were timed with
+  // it (libtorch's backward varied from 0.2 to 6 µs per token with the process's allocation
+  // history). Every side is timed in steady state.
+  mallopt(M_MMAP_MAX, 0);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+#endif
   Options o;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];

@@ -175,22 +175,76 @@ TEST_CASE("cpu backend: instruction set") {
   CHECK(mr::detail::cpu::W >= 1);
 }
 
+#if MOEROUTE_CPU_SIMD
+TEST_CASE("cpu backend: the k-th largest lane of a register equals a sort's") {
+  namespace cpu = mr::detail::cpu;
+  std::mt19937 rng(6);
+  std::uniform_int_distribution<int> small(-3, 3);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (int trial = 0; trial < 2000; ++trial) {
+    alignas(64) float lane[cpu::W];
+    for (auto& v : lane) {  // distinct values, heavy ties, -inf, and -0 next to +0
+      const int q = small(rng);
+      v = trial % 3 == 0 ? nd(rng) : q == -3 ? -INFINITY : q == 0 ? (trial % 2 ? -0.0f : 0.0f) : 0.5f * float(q);
+    }
+    std::vector<float> sorted(lane, lane + cpu::W);
+    std::sort(sorted.begin(), sorted.end(), std::greater<>());
+    for (index_t k = 1; k <= cpu::W; ++k) {
+      CAPTURE(trial);
+      CAPTURE(k);
+      REQUIRE(cpu::kth_largest_lane(cpu::vf::load_aligned(lane), k) == sorted[std::size_t(k - 1)]);
+    }
+  }
+}
+#endif
+
+TEST_CASE("cpu backend: sort_ids equals std::sort, duplicates included") {
+  std::mt19937 rng(5);
+  for (index_t k = 1; k <= 24; ++k)
+    for (int trial = 0; trial < 200; ++trial) {
+      std::uniform_int_distribution<int> id(0, trial % 2 ? 4 * int(k) : int(k) / 2);  // odd: mostly distinct
+      std::vector<std::int32_t> ids(std::size_t(k), 0), got(std::size_t(k), -1);
+      for (auto& v : ids) v = id(rng);
+      mr::detail::cpu::sort_ids(ids.data(), k, got.data());
+      std::sort(ids.begin(), ids.end());
+      CAPTURE(k);
+      REQUIRE(got == ids);
+    }
+}
+
 TEST_CASE("cpu backend: threshold top-k equals a stable sort") {
   std::mt19937 rng(7);
   std::uniform_int_distribution<int> small(-4, 4);
-  for (index_t E : {1, 5, 16, 17, 100, 333}) {
-    for (index_t k : {1, 2, 3, 8, 16, 64}) {
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (index_t E : {1, 5, 16, 17, 32, 100, 256, 333}) {
+    for (index_t k : {1, 2, 3, 7, 8, 16, 64}) {
       if (k > E) continue;
-      std::vector<float> key(std::size_t(mr::detail::cpu::padded(E)), -INFINITY);
-      for (index_t e = 0; e < E; ++e) key[std::size_t(e)] = float(small(rng)) * (e % 2 ? 1.0f : 0.5f);
-      if (E > 3) key[2] = -INFINITY;
-      std::vector<int> order(static_cast<std::size_t>(E));
-      std::iota(order.begin(), order.end(), 0);
-      std::stable_sort(order.begin(), order.end(),
-                       [&](int a, int b) { return key[std::size_t(a)] > key[std::size_t(b)]; });
-      std::vector<std::int32_t> ids(static_cast<std::size_t>(k));
-      mr::detail::cpu::topk_row(key.data(), E, k, ids.data());
-      for (index_t j = 0; j < k; ++j) REQUIRE(ids[std::size_t(j)] == order[std::size_t(j)]);
+      for (int row = 0; row < 40; ++row) {  // ties (even rows) and distinct keys (odd rows)
+        CAPTURE(E);
+        CAPTURE(k);
+        CAPTURE(row);
+        std::vector<float> key(std::size_t(mr::detail::cpu::padded(E)), -INFINITY);
+        for (index_t e = 0; e < E; ++e)
+          key[std::size_t(e)] = row % 2 ? nd(rng) : float(small(rng)) * (e % 2 ? 1.0f : 0.5f);
+        if (E > 3) key[2] = -INFINITY;
+        std::vector<int> order(static_cast<std::size_t>(E));
+        std::iota(order.begin(), order.end(), 0);
+        std::stable_sort(order.begin(), order.end(),
+                         [&](int a, int b) { return key[std::size_t(a)] > key[std::size_t(b)]; });
+        std::vector<std::int32_t> ids(static_cast<std::size_t>(k));
+        mr::detail::cpu::topk_row(key.data(), E, k, ids.data());
+        for (index_t j = 0; j < k; ++j) REQUIRE(ids[std::size_t(j)] == order[std::size_t(j)]);
+#if MOEROUTE_CPU_SIMD
+        // with the lane-wise maxima handed in, as the softmax forward does
+        namespace cpu = mr::detail::cpu;
+        cpu::vf lane_max(-INFINITY);
+        for (index_t b = 0; b < E; b += cpu::W)
+          lane_max = xsimd::max(lane_max, cpu::vf::load_unaligned(key.data() + b));
+        std::fill(ids.begin(), ids.end(), -1);
+        cpu::topk_row(key.data(), E, k, ids.data(), &lane_max);
+        for (index_t j = 0; j < k; ++j) REQUIRE(ids[std::size_t(j)] == order[std::size_t(j)]);
+#endif
+      }
     }
   }
 }

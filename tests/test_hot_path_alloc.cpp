@@ -24,6 +24,13 @@ void* counted_alloc(std::size_t n) {
   throw std::bad_alloc();
 }
 
+void* counted_aligned_alloc(std::size_t n, std::align_val_t a) {
+  if (armed.load(std::memory_order_relaxed)) allocations.fetch_add(1, std::memory_order_relaxed);
+  const auto align = std::size_t(a);
+  if (void* p = std::aligned_alloc(align, (std::max<std::size_t>(n, 1) + align - 1) / align * align)) return p;
+  throw std::bad_alloc();
+}
+
 /// Runs f and returns how many allocations it made.
 template <class F>
 long allocations_in(F&& f) {
@@ -41,6 +48,13 @@ void operator delete(void* p) noexcept { std::free(p); }
 void operator delete[](void* p) noexcept { std::free(p); }
 void operator delete(void* p, std::size_t) noexcept { std::free(p); }
 void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+// over-aligned allocations (a container of an alignas(64) type) are counted too
+void* operator new(std::size_t n, std::align_val_t a) { return counted_aligned_alloc(n, a); }
+void* operator new[](std::size_t n, std::align_val_t a) { return counted_aligned_alloc(n, a); }
+void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
 
 namespace mr = moeroute;
 

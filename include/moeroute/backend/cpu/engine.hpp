@@ -125,12 +125,7 @@ inline bool topk_bounded(const float* key, index_t n, index_t k, std::int32_t* i
     for (; b < n; b += W) m0 = xsimd::max(m0, vf::load_unaligned(key + b));  // padding is -inf
     vmax = xsimd::max(m0, m1);
   }
-  alignas(64) float lane[W];
-  vmax.store_aligned(lane);
-  // θ = the k-th largest lane maximum = the smallest of the lanes with fewer than k above them
-  std::uint32_t top = 0;
-  for (index_t l = 0; l < W; ++l) top |= std::uint32_t(std::popcount(movemask(vmax > vf(lane[l]))) < int(k)) << l;
-  const float theta = masked_min(vmax, top);
+  const float theta = kth_largest_lane(vmax, k);  // θ: the k-th largest lane maximum
   alignas(64) float cv[topk_max_candidates + 2 * W];
   alignas(64) std::int32_t ci[topk_max_candidates + 2 * W];
   index_t c = 0;
@@ -176,6 +171,22 @@ inline void topk_row(const float* key, index_t n, index_t k, std::int32_t* ids,
   topk_insertion(key, n, k, ids);
 }
 
+/// The k ids in ascending order into out: each id's place is the count of the ids before it
+/// (smaller, or equal and earlier), without branches (k <= 16, a few times faster than
+/// std::sort there; std::sort beyond).
+inline void sort_ids(const std::int32_t* ids, index_t k, std::int32_t* out) {
+  if (k > 16) {
+    std::copy(ids, ids + k, out);
+    std::sort(out, out + k);
+    return;
+  }
+  for (index_t j = 0; j < k; ++j) {
+    index_t place = 0;
+    for (index_t i = 0; i < k; ++i) place += (ids[i] < ids[j]) | ((ids[i] == ids[j]) & (i < j));
+    out[place] = ids[j];
+  }
+}
+
 /// Expert choice keeps the batch's keys in tiles of key_tile experts, [E / key_tile][T][key_tile]
 /// (the last tile padded): the forward writes a token's tiles as whole cache lines, and the
 /// selection reads one tile's column block sequentially.
@@ -205,9 +216,49 @@ inline void expert_top_tokens(std::uint64_t* ranked, index_t T, index_t C, std::
   std::fill(ids + take, ids + C, std::int32_t(-1));
 }
 
+/// Scratch whose data() starts on a cache line, so a row's whole-register loads and stores
+/// never straddle two lines and arrays written by different threads never share one (false
+/// sharing cost two threads a third of their speed-up). Backed by an ordinary vector, over-
+/// allocated by a line: the host's plain operator new, no over-aligned allocation.
+/// resize() keeps no contents when it grows.
+template <class T>
+class LineArray {
+  static constexpr std::size_t line = 64;
+  static_assert(line % sizeof(T) == 0);
+
+ public:
+  [[nodiscard]] T* data() noexcept { return data_; }
+  [[nodiscard]] const T* data() const noexcept { return data_; }
+  [[nodiscard]] std::size_t size() const noexcept { return size_; }
+  T* begin() noexcept { return data_; }
+  T* end() noexcept { return data_ + size_; }
+  T& operator[](std::size_t i) noexcept { return data_[i]; }
+  const T& operator[](std::size_t i) const noexcept { return data_[i]; }
+  void resize(std::size_t n) {
+    if (n > raw_.size() - std::min(raw_.size(), line / sizeof(T))) {
+      raw_.resize(n + line / sizeof(T));
+      const auto addr = reinterpret_cast<std::uintptr_t>(raw_.data());
+      data_ = raw_.data() + ((line - addr % line) % line) / sizeof(T);
+    }
+    size_ = n;
+  }
+  void assign(std::size_t n, const T& v) {
+    resize(n);
+    std::fill(data_, data_ + n, v);
+  }
+
+ private:
+  std::vector<T> raw_;
+  T* data_ = nullptr;
+  std::size_t size_ = 0;
+};
+
+/// Row stride (elements) of the per-chunk statistics: whole cache lines per chunk.
+inline index_t line_stride(index_t E) noexcept { return (E + 15) / 16 * 16; }
+
 /// Per-thread row scratch (each work item uses it from start to end on one thread).
 struct RowScratch {
-  std::vector<float> z, s, p, key, ds, dp, gkey, z2, s2;  // z2, s2: the second row of a pair
+  LineArray<float> z, s, p, key, ds, dp, gkey, z2, s2;  // z2, s2: the second row of a pair
   std::vector<std::int32_t> gmap;
   std::vector<std::uint64_t> ranked;  ///< expert choice: rank keys of 16 experts over the tokens (grows once)
 #if MOEROUTE_CPU_SIMD
@@ -394,6 +445,21 @@ class CpuEngine {
     }
   }
 
+  /// Row t of the logits as fp32, with its max: read in place for fp32 softmax rows when
+  /// non-finite logits are errors (no copy), else converted into `buf` (load_row). Sets `bad`
+  /// on a logit the policy rejects.
+  template <class L>
+  static const float* row_f32(MatrixView<const L> x, index_t t, NonFinite nf, float* buf, bool& bad, float& m) {
+    if constexpr (std::is_same_v<L, float> && Sc::form == ScoreForm::softmax) {
+      if (nf == NonFinite::error) {
+        m = cpu::row_max(x.row_ptr(t), x.cols, bad);
+        return x.row_ptr(t);
+      }
+    }
+    m = cpu::load_row(x.row_ptr(t), x.cols, nf, buf, bad);
+    return buf;
+  }
+
   /// Chooses the k experts of one token from its keys.
   /// `lane_max`: the keys' lane-wise maximum when known (TopK only), or null.
   static void select(const float* key, index_t E, index_t k, std::int32_t* ids, cpu::RowScratch& r,
@@ -440,8 +506,9 @@ class CpuEngine {
     const index_t seq_len = out.sequence_length > 0 ? out.sequence_length : std::max<index_t>(T, 1);
     cpu::make_chunks(T, a.seq_stats ? seq_len : 0, starts_);
     const index_t C = index_t(starts_.size()) - 1;
-    acc_.assign(std::size_t(C * E), 0.0);
-    cnt_.assign(std::size_t(C * E), 0);
+    const index_t ES = cpu::line_stride(E);  // each chunk's statistics on lines of their own
+    acc_.assign(std::size_t(C * ES), 0.0);
+    cnt_.assign(std::size_t(C * ES), 0);
     lse_.assign(std::size_t(C), 0.0);
     bad_.assign(std::size_t(C), 0);
     const float* bias = a.bias.empty() ? nullptr : a.bias.data();
@@ -455,14 +522,15 @@ class CpuEngine {
     parallel(C, [&](index_t ci) {
       cpu::RowScratch& r = scratch();
       r.reserve(E);
-      double* acc = acc_.data() + ci * E;
-      std::int32_t* cnt = cnt_.data() + ci * E;
+      double* acc = acc_.data() + ci * ES;
+      std::int32_t* cnt = cnt_.data() + ci * ES;
       double lse_sq = 0.0;
       // everything after the row's exp sum: scores, key, selection, gates, counts. `esum`: the
       // row's exps are already in sbuf with this canonical sum (null: compute them here).
-      auto finish_row = [&](index_t t, float* z, float m, float* sbuf, const double* esum) {
+      // `row_acc`: where the row's probabilities are summed (null: the caller sums them)
+      auto finish_row = [&](index_t t, const float* z, float m, float* sbuf, const double* esum, double* row_acc) {
         const float* p = nullptr;
-        const float lse = cpu::score_row<Sc>(z, E, m, r, &p, acc, true, sbuf, esum);
+        const float lse = cpu::score_row<Sc>(z, E, m, r, &p, row_acc, true, sbuf, esum);
         lse_sq += double(lse) * lse;
         // the selection key and the scores the gates are taken from
         const float* s = Sc::form == ScoreForm::softmax_selected ? z : sbuf;
@@ -489,11 +557,12 @@ class CpuEngine {
         reference_gates_row<Sc>(s, ids, k, c, out.gates.data() + t * k);
         for (index_t j = 0; j < k; ++j) ++cnt[ids[j]];
       };
+      auto load = [&](index_t t, float* buf, bool& bad, float& m) { return row_f32(x, t, c.non_finite, buf, bad, m); };
       const index_t t1 = starts_[std::size_t(ci) + 1];
       for (index_t t = starts_[std::size_t(ci)]; t < t1;) {
         bool bad = false;
-        float* z = r.z.data();
-        const float m = cpu::load_row(x.row_ptr(t), E, c.non_finite, z, bad);
+        float m = 0.0f;
+        const float* z = load(t, r.z.data(), bad, m);
         if (bad) {
           bad_[std::size_t(ci)] = 1;
           return;
@@ -501,23 +570,25 @@ class CpuEngine {
         if constexpr (Sc::form == ScoreForm::softmax) {
           // two rows at a time: the canonical fp64 sum is a serial chain of adds per row, so
           // the exps of two rows are interleaved to overlap their chains (results unchanged:
-          // each row's own order of operations is kept)
+          // each row's own order of operations is kept); their probabilities are summed as
+          // pairs, acc += (p1 + p2), one accumulator update for two rows
           if (t + 1 < t1) {
-            float* z2 = r.z2.data();
-            const float m2 = cpu::load_row(x.row_ptr(t + 1), E, c.non_finite, z2, bad);
+            float m2 = 0.0f;
+            const float* z2 = load(t + 1, r.z2.data(), bad, m2);
             if (bad) {
               bad_[std::size_t(ci)] = 1;
               return;
             }
             double sum1 = 0.0, sum2 = 0.0;
             cpu::exp_sum2(z, m, r.s.data(), sum1, z2, m2, r.s2.data(), sum2, E);
-            finish_row(t, z, m, r.s.data(), &sum1);
-            finish_row(t + 1, z2, m2, r.s2.data(), &sum2);
+            finish_row(t, z, m, r.s.data(), &sum1, nullptr);
+            finish_row(t + 1, z2, m2, r.s2.data(), &sum2, nullptr);
+            cpu::accumulate_f64_pair(acc, r.s.data(), r.s2.data(), E);
             t += 2;
             continue;
           }
         }
-        finish_row(t, z, m, r.s.data(), nullptr);
+        finish_row(t, z, m, r.s.data(), nullptr, acc);
         ++t;
       }
       lse_[std::size_t(ci)] = lse_sq;
@@ -537,8 +608,8 @@ class CpuEngine {
         double sum = 0.0, seq_sum = 0.0;
         std::int64_t count = 0, seq_count = 0;
         for (index_t ci = 0; ci < C; ++ci) {
-          const double v = acc_[std::size_t(ci * E + e)];
-          const std::int32_t n = cnt_[std::size_t(ci * E + e)];
+          const double v = acc_[std::size_t(ci * ES + e)];
+          const std::int32_t n = cnt_[std::size_t(ci * ES + e)];
           sum += v;
           count += n;
           if (a.seq_stats) {
@@ -622,10 +693,71 @@ class CpuEngine {
         if (has_seq)
           for (index_t e = 0; e < E; ++e) dp[e] += aux.dprob_seq[std::size_t((t0 / seq_len) * E + e)];
       }
+      // z-loss: dz += 2 · dlse_sq · lse · softmax(z)
+      auto add_zloss = [&](const float* z, float lse, float* dzr) {
+        const float coef = 2.0f * dlse * lse;
+        index_t i = 0;
+#if MOEROUTE_CPU_SIMD
+        for (; i < cpu::vec_end(E); i += cpu::W)
+          (cpu::vf::load_unaligned(dzr + i) + cpu::vf(coef) * cpu::exp(cpu::vf::load_unaligned(z + i) - cpu::vf(lse)))
+              .store_unaligned(dzr + i);
+#endif
+        for (; i < E; ++i) dzr[i] += coef * exp_f32(z[i] - lse);
+      };
+      if constexpr (Sc::form == ScoreForm::softmax && !expert) {
+        if (!dp) {
+          // The usual case, two rows at a time as in the forward. ∂L/∂s is zero but at the k
+          // chosen experts, so dz = s·(ds − dot) needs s in full only for its one write: the
+          // scores are formed from the exps in that pass (e·(1/Σe), the forward's scaling
+          // product), and at the k chosen experts beforehand, for the gates and the dot.
+          auto row = [&](index_t t, const float* z, float m, float* e, double esum) {
+            const float fsum = float(esum), inv = 1.0f / fsum;
+            const std::int32_t* ids = rv.ids.data() + t * k;
+            float* ds = r.ds.data();
+            float* dzr = dz.row_ptr(t);
+            std::int32_t sid[max_top_k];  // the reference's fp64 dot over all E adds the k terms in expert order
+            cpu::sort_ids(ids, k, sid);
+            for (index_t j = 0; j < k; ++j) {
+              e[sid[j]] *= inv;  // now s
+              ds[sid[j]] = 0.0f;
+            }
+            reference_gates_backward_row<Sc>(e, ids, k, c, dg.row_ptr(t), ds, dzr);
+            double dot64 = 0.0;
+            for (index_t j = 0; j < k; ++j) dot64 += double(e[sid[j]]) * ds[sid[j]];
+            const float dot = float(dot64);
+            index_t i = 0;
+#if MOEROUTE_CPU_SIMD
+            for (; i < cpu::vec_end(E); i += cpu::W)
+              ((cpu::vf::load_unaligned(e + i) * cpu::vf(inv)) * (cpu::vf(0.0f) - cpu::vf(dot)))
+                  .store_unaligned(dzr + i);
+#endif
+            for (; i < E; ++i) dzr[i] = (e[i] * inv) * (0.0f - dot);
+            for (index_t j = 0; j < k; ++j) dzr[sid[j]] = e[sid[j]] * (ds[sid[j]] - dot);  // e is s there
+            if (dlse != 0.0f) add_zloss(z, m + log_f32(fsum), dzr);
+          };
+          for (index_t t = t0; t < t1;) {
+            bool bad = false;  // the forward has checked these logits
+            float m1 = 0.0f, m2 = 0.0f;
+            const float* z1 = row_f32(x, t, c.non_finite, r.z.data(), bad, m1);
+            double sum1 = 0.0, sum2 = 0.0;
+            if (t + 1 < t1) {
+              const float* z2 = row_f32(x, t + 1, c.non_finite, r.z2.data(), bad, m2);
+              cpu::exp_sum2(z1, m1, r.s.data(), sum1, z2, m2, r.s2.data(), sum2, E);
+              row(t, z1, m1, r.s.data(), sum1);
+              row(t + 1, z2, m2, r.s2.data(), sum2);
+              t += 2;
+            } else {
+              row(t, z1, m1, r.s.data(), cpu::exp_sum(z1, E, m1, r.s.data()));
+              ++t;
+            }
+          }
+          return;
+        }
+      }
       for (index_t t = t0; t < t1; ++t) {
         bool bad = false;
-        float* z = r.z.data();
-        const float m = cpu::load_row(x.row_ptr(t), E, c.non_finite, z, bad);
+        float m = 0.0f;
+        const float* z = row_f32(x, t, c.non_finite, r.z.data(), bad, m);
         const float* p = nullptr;
         const float lse = cpu::score_row<Sc>(z, E, m, r, &p, nullptr, dlse != 0.0f);
         const float* s = r.s.data();
@@ -638,37 +770,17 @@ class CpuEngine {
           continue;
         }
         const std::int32_t* ids = rv.ids.data() + t * k;
-        if constexpr (Sc::form == ScoreForm::softmax) {
-          if (!dp) {
-            // ds is zero but at the k chosen experts: the reference's fp64 dot over all E
-            // equals the sequential sum of those k terms in expert order (adding 0 is exact)
-            std::int32_t sid[max_top_k];
-            std::copy(ids, ids + k, sid);
-            std::sort(sid, sid + k);
-            for (index_t j = 0; j < k; ++j) ds[sid[j]] = 0.0f;
-            reference_gates_backward_row<Sc>(s, ids, k, c, dg.row_ptr(t), ds, dzr);
-            double dot64 = 0.0;
-            for (index_t j = 0; j < k; ++j) dot64 += double(s[sid[j]]) * ds[sid[j]];
-            const float dot = float(dot64);
-            index_t i = 0;
+        if constexpr (Sc::form == ScoreForm::softmax) {  // with ∂L/∂p (without: the pair loop above)
+          std::copy(dp, dp + E, ds);
+          reference_gates_backward_row<Sc>(s, ids, k, c, dg.row_ptr(t), ds, dzr);
+          const float dot = float(cpu::dot_f64(s, ds, E));
+          index_t i = 0;
 #if MOEROUTE_CPU_SIMD
-            for (; i < cpu::vec_end(E); i += cpu::W)
-              (cpu::vf::load_unaligned(s + i) * (cpu::vf(0.0f) - cpu::vf(dot))).store_unaligned(dzr + i);
+          for (; i < cpu::vec_end(E); i += cpu::W)
+            (cpu::vf::load_unaligned(s + i) * (cpu::vf::load_unaligned(ds + i) - cpu::vf(dot)))
+                .store_unaligned(dzr + i);
 #endif
-            for (; i < E; ++i) dzr[i] = s[i] * (0.0f - dot);
-            for (index_t j = 0; j < k; ++j) dzr[sid[j]] = s[sid[j]] * (ds[sid[j]] - dot);
-          } else {
-            std::copy(dp, dp + E, ds);
-            reference_gates_backward_row<Sc>(s, ids, k, c, dg.row_ptr(t), ds, dzr);
-            const float dot = float(cpu::dot_f64(s, ds, E));
-            index_t i = 0;
-#if MOEROUTE_CPU_SIMD
-            for (; i < cpu::vec_end(E); i += cpu::W)
-              (cpu::vf::load_unaligned(s + i) * (cpu::vf::load_unaligned(ds + i) - cpu::vf(dot)))
-                  .store_unaligned(dzr + i);
-#endif
-            for (; i < E; ++i) dzr[i] = s[i] * (ds[i] - dot);
-          }
+          for (; i < E; ++i) dzr[i] = s[i] * (ds[i] - dot);
         } else if constexpr (Sc::form == ScoreForm::softmax_selected) {
           std::fill(dzr, dzr + E, 0.0f);
           reference_gates_backward_row<Sc>(z, ids, k, c, dg.row_ptr(t), ds, dzr);
@@ -708,16 +820,7 @@ class CpuEngine {
           }
           for (; i < E; ++i) dzr[i] = ds[i] * Sc::derivative(z[i], s[i]);
         }
-        if (dlse != 0.0f) {  // z-loss: 2 · dlse_sq · lse · softmax(z)
-          const float coef = 2.0f * dlse * lse;
-          index_t i = 0;
-#if MOEROUTE_CPU_SIMD
-          for (; i < cpu::vec_end(E); i += cpu::W)
-            (cpu::vf::load_unaligned(dzr + i) + cpu::vf(coef) * cpu::exp(cpu::vf::load_unaligned(z + i) - cpu::vf(lse)))
-                .store_unaligned(dzr + i);
-#endif
-          for (; i < E; ++i) dzr[i] += coef * exp_f32(z[i] - lse);
-        }
+        if (dlse != 0.0f) add_zloss(z, lse, dzr);
       }
     });
   }
@@ -727,10 +830,11 @@ class CpuEngine {
   ParallelFor user_;
   std::vector<cpu::RowScratch> scratch_;  ///< one per slot of pool_ (one without a pool)
   std::vector<index_t> starts_;
-  std::vector<double> acc_, lse_;
+  cpu::LineArray<double> acc_;  ///< per-chunk fp64 probability sums [chunk][line_stride(E)]
+  std::vector<double> lse_;
   std::vector<float> all_s_, all_ds_;  ///< expert choice: scores and ∂L/∂s [T, E]
   std::vector<float> all_key_;         ///< expert choice: keys in tiles (cpu::key_tile_offset)
-  std::vector<std::int32_t> cnt_;
+  cpu::LineArray<std::int32_t> cnt_;   ///< per-chunk expert counts [chunk][line_stride(E)]
   std::vector<std::uint8_t> bad_;
 };
 

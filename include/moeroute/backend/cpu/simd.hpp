@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "../../core.hpp"
 #include "../../detail/math.hpp"
@@ -181,6 +182,37 @@ inline float masked_min(vf x, std::uint32_t mask) noexcept {
   float m = INFINITY;
   for (index_t l = 0; l < W; ++l) m = std::min(m, (mask >> l) & 1u ? lanes[l] : INFINITY);
   return m;
+#endif
+}
+
+/// The k-th largest lane of v (1 <= k <= W): the smallest lane with fewer than k lanes
+/// strictly above it. Each lane counts the lanes above it over W - 1 rotations of the register,
+/// all in registers (a scalar loop over the lanes costs twice as much).
+inline float kth_largest_lane(vf v, index_t k) noexcept {
+#if defined(__AVX512F__)
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512i above = _mm512_setzero_si512();
+  [&]<int... R>(std::integer_sequence<int, R...>) {
+    ((above = _mm512_mask_add_epi32(
+          above,
+          _mm512_cmp_ps_mask(
+              _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(v.data), _mm512_castps_si512(v.data), R + 1)),
+              v.data, _CMP_GT_OQ),
+          above, one)),
+     ...);
+  }
+  (std::make_integer_sequence<int, 15>{});
+  return _mm512_mask_reduce_min_ps(_mm512_cmplt_epi32_mask(above, _mm512_set1_epi32(int(k))), v.data);
+#else
+  __m256i above = _mm256_setzero_si256();
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int r = 1; r < 8; ++r) {  // unrolled by the compiler
+    const __m256 o = _mm256_permutevar8x32_ps(
+        v.data, _mm256_and_si256(_mm256_add_epi32(lanes, _mm256_set1_epi32(r)), _mm256_set1_epi32(7)));
+    above = _mm256_sub_epi32(above, _mm256_castps_si256(_mm256_cmp_ps(o, v.data, _CMP_GT_OQ)));  // true is -1
+  }
+  const __m256 top = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(int(k)), above));
+  return masked_min(v, std::uint32_t(_mm256_movemask_ps(top)));
 #endif
 }
 
@@ -482,6 +514,62 @@ inline void accumulate_f64(double* acc, const float* x, index_t n) noexcept {
   for (; i < vec_end(n); i += W) add_f64(acc + i, vf::load_unaligned(x + i));
 #endif
   for (; i < n; ++i) acc[i] += double(x[i]);
+}
+
+/// acc[i] += double(a[i]) + double(b[i]): two rows' statistics for one read-modify-write of
+/// the accumulator (the per-chunk order is fixed, so results do not depend on threads).
+inline void accumulate_f64_pair(double* acc, const float* a, const float* b, index_t n) noexcept {
+  index_t i = 0;
+#if MOEROUTE_CPU_SIMD
+  for (; i < vec_end(n); i += W) {
+#if defined(__AVX512F__)
+    const __m512 va = _mm512_loadu_ps(a + i), vb = _mm512_loadu_ps(b + i);
+    const __m512d lo =
+        _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(va)), _mm512_cvtps_pd(_mm512_castps512_ps256(vb)));
+    const __m512d hi =
+        _mm512_add_pd(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(va), 1))),
+                      _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(vb), 1))));
+    _mm512_storeu_pd(acc + i, _mm512_add_pd(_mm512_loadu_pd(acc + i), lo));
+    _mm512_storeu_pd(acc + i + 8, _mm512_add_pd(_mm512_loadu_pd(acc + i + 8), hi));
+#else
+    const __m256 va = _mm256_loadu_ps(a + i), vb = _mm256_loadu_ps(b + i);
+    const __m256d lo =
+        _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(va)), _mm256_cvtps_pd(_mm256_castps256_ps128(vb)));
+    const __m256d hi =
+        _mm256_add_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(va, 1)), _mm256_cvtps_pd(_mm256_extractf128_ps(vb, 1)));
+    _mm256_storeu_pd(acc + i, _mm256_add_pd(_mm256_loadu_pd(acc + i), lo));
+    _mm256_storeu_pd(acc + i + 4, _mm256_add_pd(_mm256_loadu_pd(acc + i + 4), hi));
+#endif
+  }
+#endif
+  for (; i < n; ++i) acc[i] += double(a[i]) + double(b[i]);
+}
+
+/// The max of a row of fp32 logits read in place; sets `bad` on a non-finite logit (the caller
+/// reports it through the reference check). load_row() without the copy, for the policy that
+/// rejects non-finite logits, where the row is used as it is.
+inline float row_max(const float* row, index_t n, bool& bad) noexcept {
+  float m = -INFINITY;
+  index_t i = 0;
+#if MOEROUTE_CPU_SIMD
+  const vf inf(INFINITY);
+  vf vm(-INFINITY);
+  xsimd::batch_bool<float, simd_arch> vbad(false);
+  for (; i < vec_end(n); i += W) {
+    const vf x = vf::load_unaligned(row + i);
+    vbad = vbad | !(xsimd::abs(x) < inf);  // NaN and ±inf
+    vm = xsimd::max(vm, x);
+  }
+  if (xsimd::any(vbad)) bad = true;
+  alignas(64) float lanes[W];
+  vm.store_aligned(lanes);
+  for (index_t l = 0; l < W; ++l) m = std::max(m, lanes[l]);
+#endif
+  for (; i < n; ++i) {
+    if (!std::isfinite(row[i])) bad = true;
+    m = std::max(m, row[i]);
+  }
+  return m;
 }
 
 /// s_i = σ(z_i) = 1 / (1 + exp_f32(-z_i)).
