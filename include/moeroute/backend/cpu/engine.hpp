@@ -180,6 +180,20 @@ inline void sort_ids(const std::int32_t* ids, index_t k, std::int32_t* out) {
     std::sort(out, out + k);
     return;
   }
+#if MOEROUTE_CPU_SIMD
+  if (k <= 8) {  // all k compares of one id at once
+    alignas(32) std::int32_t lane[8];
+    for (index_t i = 0; i < 8; ++i) lane[i] = i < k ? ids[i] : std::numeric_limits<std::int32_t>::max();
+    const __m256i all = _mm256_load_si256(reinterpret_cast<const __m256i*>(lane));
+    for (index_t j = 0; j < k; ++j) {
+      const __m256i b = _mm256_set1_epi32(ids[j]);
+      const auto smaller = unsigned(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(b, all))));
+      const auto equal = unsigned(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(b, all))));
+      out[std::popcount(smaller | (equal & ((1u << j) - 1u)))] = ids[j];
+    }
+    return;
+  }
+#endif
   for (index_t j = 0; j < k; ++j) {
     index_t place = 0;
     for (index_t i = 0; i < k; ++i) place += (ids[i] < ids[j]) | ((ids[i] == ids[j]) & (i < j));
