@@ -317,7 +317,7 @@ double find(const std::vector<Row>& rows, const Row& like, const char* pass, con
 
 int main(int argc, char** argv) {
 #if defined(__GLIBC__)
-  // Every block from the heap and none given back: libtorch allocates its tensors on each call,
+  // Large blocks from the heap (no mmap), kept: libtorch allocates its tensors on each call,
   // and under glibc's defaults a large one is a fresh mapping whose page faults were timed with
   // it (libtorch's backward varied from 0.2 to 6 µs per token with the process's allocation
   // history). Every side is timed in steady state.

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <memory>
 #include <moeroute/backend/cpu/engine.hpp>
@@ -185,7 +186,7 @@ TEST_CASE("cpu backend: the k-th largest lane of a register equals a sort's") {
     alignas(64) float lane[cpu::W];
     for (auto& v : lane) {  // distinct values, heavy ties, -inf, and -0 next to +0
       const int q = small(rng);
-      v = trial % 3 == 0 ? nd(rng) : q == -3 ? -INFINITY : q == 0 ? (trial % 2 ? -0.0f : 0.0f) : 0.5f * float(q);
+      v = trial % 3 == 0 ? nd(rng) : q == -3 ? -INFINITY : q == 0 ? (nd(rng) < 0.0f ? -0.0f : 0.0f) : 0.5f * float(q);
     }
     std::vector<float> sorted(lane, lane + cpu::W);
     std::sort(sorted.begin(), sorted.end(), std::greater<>());
@@ -381,6 +382,89 @@ TEST_CASE("cpu backend: GroupTopK") {
   compare<mr::GroupTopK<6, 4, 2, mr::GroupScore::max>, mr::Softmax, TestBalancer, mr::bfloat16>(cfg, 300, 70,
                                                                                                 Kind::ties, 33u);
   compare<mr::GroupTopK<3, 4, 1>, mr::SoftmaxOverSelected, mr::NoBalancing, float>(cfg, 300, 68, Kind::mixed, 34u);
+}
+
+namespace {
+/// Backward of a balancer with a z-loss on the reference and CpuBackend (two threads), then
+/// again with ∂L/∂z written over the logits themselves: the same bits as into a separate buffer.
+template <class Bal>
+void backward_zloss_and_alias(index_t E, const typename Bal::Config& bc) {
+  const index_t T = 301, k = 8;  // odd: the last row of a chunk is unpaired
+  CAPTURE(E);
+  mr::RouterConfig cfg;
+  cfg.num_experts = E;
+  cfg.renormalize = true;
+  const std::vector<float> x = make_logits<float>(T, E, E, Kind::random, unsigned(E) + 77u);
+  const mr::MatrixView<const float> xv(x.data(), T, E);
+  std::vector<float> dg(std::size_t(T * k));
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> ud(-1.0f, 1.0f);
+  for (auto& v : dg) v = ud(rng);
+  const mr::MatrixView<const float> dgv(dg.data(), T, k);
+  mr::Router<mr::TopK<k>, Bal, mr::ReferenceBackend> ref(cfg, bc);
+  mr::Router<mr::TopK<k>, Bal, mr::CpuBackend> cpu(cfg, bc);
+  cpu.engine().set_thread_pool(pool(2));
+  mr::RoutingBuffers b1, b2;
+  mr::RoutingView r1 = ref.make_output(b1, T), r2 = cpu.make_output(b2, T);
+  ref.route(xv, r1);
+  cpu.route(xv, r2);
+  REQUIRE(std::equal(r1.ids.begin(), r1.ids.end(), r2.ids.begin()));
+  std::vector<float> dz_ref(x.size()), dz(x.size());
+  ref.backward(xv, r1, dgv, mr::MatrixView<float>(dz_ref.data(), T, E));
+  cpu.backward(xv, r2, dgv, mr::MatrixView<float>(dz.data(), T, E));
+  for (index_t t = 0; t < T; ++t) {
+    float scale = 0.0f;
+    for (index_t e = 0; e < E; ++e) scale = std::max(scale, std::fabs(dz_ref[std::size_t(t * E + e)]));
+    for (index_t e = 0; e < E; ++e) {
+      const std::size_t i = std::size_t(t * E + e);
+      INFO("token ", t, " expert ", e, " cpu ", dz[i], " reference ", dz_ref[i]);
+      REQUIRE(close(dz[i], dz_ref[i], 1e-6, 1e-6 * scale + 1e-30));
+    }
+  }
+  std::vector<float> y = x;
+  cpu.backward(mr::MatrixView<const float>(y.data(), T, E), r2, dgv, mr::MatrixView<float>(y.data(), T, E));
+  CHECK(y == dz);
+}
+}  // namespace
+
+TEST_CASE("cpu backend: backward with a z-loss, and with grad_logits in the logits' memory") {
+  for (index_t E : {64, 100}) {
+    backward_zloss_and_alias<mr::ZLoss>(E, {.beta = 0.5f});  // the softmax backward's pair path
+    backward_zloss_and_alias<TestBalancer>(E, {.bias_scale = 0.05f, .dprob_scale = 0.3f, .zloss = 0.5f});  // ∂L/∂p too
+  }
+}
+
+TEST_CASE("cpu backend: a copied router and its workspace own their memory") {
+  namespace cpu = mr::detail::cpu;
+  cpu::LineArray<double> a;
+  a.assign(100, 2.5);
+  const cpu::LineArray<double> b = a;
+  CHECK(b.data() != a.data());
+  CHECK(reinterpret_cast<std::uintptr_t>(b.data()) % 64 == 0);
+  CHECK(b.size() == 100);
+  CHECK(std::all_of(b.data(), b.data() + 100, [](double v) { return v == 2.5; }));
+  cpu::LineArray<double> c = std::move(a);
+  CHECK(c.data() != b.data());
+  CHECK(a.size() == 0);
+
+  // a router copied after it has routed, then routing alone (the original destroyed)
+  const index_t T = 300, E = 64;
+  mr::RouterConfig cfg;
+  cfg.num_experts = E;
+  const std::vector<float> x = make_logits<float>(T, E, E, Kind::random, 91u);
+  const mr::MatrixView<const float> xv(x.data(), T, E);
+  using R = mr::Router<mr::TopK<4>, mr::NoBalancing, mr::CpuBackend>;
+  auto first = std::make_unique<R>(cfg);
+  mr::RoutingBuffers b1, b2;
+  mr::RoutingView r1 = first->make_output(b1, T);
+  first->route(xv, r1);
+  R copy = *first;
+  first.reset();
+  mr::RoutingView r2 = copy.make_output(b2, T);
+  copy.route(xv, r2);
+  CHECK(std::equal(r1.ids.begin(), r1.ids.end(), r2.ids.begin()));
+  CHECK(std::equal(r1.gates.begin(), r1.gates.end(), r2.gates.begin()));
+  CHECK(std::equal(r1.prob_sums.begin(), r1.prob_sums.end(), r2.prob_sums.begin()));
 }
 
 TEST_CASE("cpu backend: NaN as -inf, and the reference's error for a non-finite logit") {

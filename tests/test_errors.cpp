@@ -181,6 +181,19 @@ TEST_CASE("route and backward argument errors") {
                         mr::MatrixView<const float>(dg.data(), T - 1, k), mr::MatrixView<float>(dz.data(), T - 1, E));
       },
       "routing", "T = 4");
+  // ids that are no expert (a corrupted or foreign routing) would index out of grad_logits
+  for (const std::int32_t bad : {std::int32_t(E), std::int32_t(-1)}) {
+    mr::RoutingBuffers copy_buf;
+    mr::RoutingView corrupt = router.make_output(copy_buf, T);
+    std::copy(out.ids.begin(), out.ids.end(), corrupt.ids.begin());
+    corrupt.ids[3] = bad;  // token 1, slot 1
+    expect_invalid(
+        [&] {
+          router.backward(logits, corrupt, mr::MatrixView<const float>(dg.data(), T, k),
+                          mr::MatrixView<float>(dz.data(), T, E));
+        },
+        "routing", "ids[1, 1] = " + std::to_string(bad));
+  }
   // a failed backward wrote nothing
   CHECK(std::all_of(dz.begin(), dz.end(), [](float v) { return v == 7.0f; }));
 }

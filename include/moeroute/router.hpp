@@ -209,6 +209,15 @@ class Router {
                     ", E = ", routing.experts, ", slots = ", routing.slots, "; logits have T = ", T, ", E = ", E);
     detail::check_view(grad_gates, "grad_gates", routing.rows(), routing.slots);
     detail::check_view(grad_logits, "grad_logits", T, E);
+    if constexpr (!detail::device_backend<Backend>) {  // they index grad_logits (device ids stay on the device)
+      const bool token = choice == ChoiceKind::token;
+      const std::int32_t lo = token ? 0 : -1, hi = std::int32_t(token ? E : T);
+      for (std::size_t i = 0; i < routing.ids.size(); ++i)
+        if (routing.ids[i] < lo || routing.ids[i] >= hi)
+          detail::require(false, "routing", "ids[", index_t(i) / routing.slots, ", ", index_t(i) % routing.slots,
+                          "] = ", routing.ids[i], " is not ", token ? "an expert in [0, " : "a token or -1 in [-1, ",
+                          hi, ")");
+    }
 
     if constexpr (detail::device_backend<Backend>) {
       engine_.backward_device(logits, routing, grad_gates, config_, balancer_, training_, grad_logits);

@@ -14,6 +14,7 @@
 #include <memory>
 #include <span>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../../concepts.hpp"
@@ -241,6 +242,28 @@ class LineArray {
   static_assert(line % sizeof(T) == 0);
 
  public:
+  LineArray() = default;
+  // data_ points into raw_: a copy aligns its own buffer; a move takes the buffer with it
+  LineArray(const LineArray& o) { *this = o; }
+  LineArray& operator=(const LineArray& o) {
+    if (this != &o) {
+      raw_.clear();
+      size_ = 0;
+      resize(o.size_);
+      std::copy(o.data_, o.data_ + o.size_, data_);
+    }
+    return *this;
+  }
+  LineArray(LineArray&& o) noexcept
+      : raw_(std::move(o.raw_)), data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)) {}
+  LineArray& operator=(LineArray&& o) noexcept {
+    raw_ = std::move(o.raw_);
+    data_ = std::exchange(o.data_, nullptr);
+    size_ = std::exchange(o.size_, 0);
+    return *this;
+  }
+  ~LineArray() = default;
+
   [[nodiscard]] T* data() noexcept { return data_; }
   [[nodiscard]] const T* data() const noexcept { return data_; }
   [[nodiscard]] std::size_t size() const noexcept { return size_; }
@@ -460,12 +483,14 @@ class CpuEngine {
   }
 
   /// Row t of the logits as fp32, with its max: read in place for fp32 softmax rows when
-  /// non-finite logits are errors (no copy), else converted into `buf` (load_row). Sets `bad`
-  /// on a logit the policy rejects.
+  /// non-finite logits are errors and `in_place` (no copy), else converted into `buf`
+  /// (load_row). Sets `bad` on a logit the policy rejects. The backward passes in_place =
+  /// false when it reads the row again after writing ∂L/∂z, which may be the logits' memory.
   template <class L>
-  static const float* row_f32(MatrixView<const L> x, index_t t, NonFinite nf, float* buf, bool& bad, float& m) {
+  static const float* row_f32(MatrixView<const L> x, index_t t, NonFinite nf, float* buf, bool& bad, float& m,
+                              bool in_place = true) {
     if constexpr (std::is_same_v<L, float> && Sc::form == ScoreForm::softmax) {
-      if (nf == NonFinite::error) {
+      if (in_place && nf == NonFinite::error) {
         m = cpu::row_max(x.row_ptr(t), x.cols, bad);
         return x.row_ptr(t);
       }
@@ -752,10 +777,10 @@ class CpuEngine {
           for (index_t t = t0; t < t1;) {
             bool bad = false;  // the forward has checked these logits
             float m1 = 0.0f, m2 = 0.0f;
-            const float* z1 = row_f32(x, t, c.non_finite, r.z.data(), bad, m1);
+            const float* z1 = row_f32(x, t, c.non_finite, r.z.data(), bad, m1, dlse == 0.0f);
             double sum1 = 0.0, sum2 = 0.0;
             if (t + 1 < t1) {
-              const float* z2 = row_f32(x, t + 1, c.non_finite, r.z2.data(), bad, m2);
+              const float* z2 = row_f32(x, t + 1, c.non_finite, r.z2.data(), bad, m2, dlse == 0.0f);
               cpu::exp_sum2(z1, m1, r.s.data(), sum1, z2, m2, r.s2.data(), sum2, E);
               row(t, z1, m1, r.s.data(), sum1);
               row(t + 1, z2, m2, r.s2.data(), sum2);
@@ -771,7 +796,7 @@ class CpuEngine {
       for (index_t t = t0; t < t1; ++t) {
         bool bad = false;
         float m = 0.0f;
-        const float* z = row_f32(x, t, c.non_finite, r.z.data(), bad, m);
+        const float* z = row_f32(x, t, c.non_finite, r.z.data(), bad, m, dlse == 0.0f);
         const float* p = nullptr;
         const float lse = cpu::score_row<Sc>(z, E, m, r, &p, nullptr, dlse != 0.0f);
         const float* s = r.s.data();

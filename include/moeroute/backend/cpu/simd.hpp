@@ -318,9 +318,10 @@ inline double combine_lanes(const double* l) noexcept {
 /// Index of the first element of the scalar tail of a row of n (vector part before it).
 inline index_t vec_end(index_t n) noexcept { return n - n % W; }
 
-/// Loads a row of logits as fp32 into z[0..n), applying nan_as_neg_inf. Returns the row's max
-/// (the router uses it for the softmax) and sets `bad` when the row has a logit the policy
-/// rejects (or no finite logit): the caller then reports it through the reference check.
+/// Loads a row of logits as fp32 into z[0..n) (z null: only reads), applying nan_as_neg_inf.
+/// Returns the row's max (the router uses it for the softmax) and sets `bad` when the row has
+/// a logit the policy rejects (or no finite logit): the caller then reports it through the
+/// reference check.
 template <class L>
 inline float load_row(const L* row, index_t n, NonFinite nf, float* z, bool& bad) noexcept {
   const bool nan_ok = nf == NonFinite::nan_as_neg_inf;
@@ -335,7 +336,7 @@ inline float load_row(const L* row, index_t n, NonFinite nf, float* z, bool& bad
     const auto nan = cpu::isnan(x);
     vbad = vbad | (!(xsimd::abs(x) < inf) & !(nan & xsimd::batch_bool<float, simd_arch>(nan_ok)));
     if (nan_ok) x = xsimd::select(nan, -inf, x);
-    x.store_unaligned(z + i);
+    if (z) x.store_unaligned(z + i);
     vm = xsimd::max(vm, x);
   }
   if (xsimd::any(vbad)) bad = true;
@@ -353,7 +354,7 @@ inline float load_row(const L* row, index_t n, NonFinite nf, float* z, bool& bad
     } else if (!std::isfinite(v)) {
       bad = true;
     }
-    z[i] = v;
+    if (z) z[i] = v;
     m = std::max(m, v);
   }
   if (m == -INFINITY) bad = true;  // every logit was NaN
@@ -546,30 +547,10 @@ inline void accumulate_f64_pair(double* acc, const float* a, const float* b, ind
 }
 
 /// The max of a row of fp32 logits read in place; sets `bad` on a non-finite logit (the caller
-/// reports it through the reference check). load_row() without the copy, for the policy that
+/// reports it through the reference check): load_row() without the copy, for the policy that
 /// rejects non-finite logits, where the row is used as it is.
 inline float row_max(const float* row, index_t n, bool& bad) noexcept {
-  float m = -INFINITY;
-  index_t i = 0;
-#if MOEROUTE_CPU_SIMD
-  const vf inf(INFINITY);
-  vf vm(-INFINITY);
-  xsimd::batch_bool<float, simd_arch> vbad(false);
-  for (; i < vec_end(n); i += W) {
-    const vf x = vf::load_unaligned(row + i);
-    vbad = vbad | !(xsimd::abs(x) < inf);  // NaN and ±inf
-    vm = xsimd::max(vm, x);
-  }
-  if (xsimd::any(vbad)) bad = true;
-  alignas(64) float lanes[W];
-  vm.store_aligned(lanes);
-  for (index_t l = 0; l < W; ++l) m = std::max(m, lanes[l]);
-#endif
-  for (; i < n; ++i) {
-    if (!std::isfinite(row[i])) bad = true;
-    m = std::max(m, row[i]);
-  }
-  return m;
+  return load_row(row, n, NonFinite::error, nullptr, bad);
 }
 
 /// s_i = σ(z_i) = 1 / (1 + exp_f32(-z_i)).
