@@ -101,6 +101,19 @@ std::shared_ptr<mr::ThreadPool> pool(int threads) {
   return p;
 }
 
+/// ∂L/∂z [T, E] within 1e-6 of the reference's, relative to each token's largest entry.
+void require_grad_close(const std::vector<float>& dz, const std::vector<float>& dz_ref, index_t T, index_t E) {
+  for (index_t t = 0; t < T; ++t) {
+    float scale = 0.0f;
+    for (index_t e = 0; e < E; ++e) scale = std::max(scale, std::fabs(dz_ref[std::size_t(t * E + e)]));
+    for (index_t e = 0; e < E; ++e) {
+      const std::size_t i = std::size_t(t * E + e);
+      INFO("token ", t, " expert ", e, " cpu ", dz[i], " reference ", dz_ref[i], " row scale ", scale);
+      REQUIRE(close(dz[i], dz_ref[i], 1e-6, 1e-6 * scale + 1e-30));
+    }
+  }
+}
+
 /// Routes and backpropagates the same batch through a reference and a CPU router; checks the
 /// CPU results for each thread count.
 template <class Sel, class Sc, class Bal, class L>
@@ -142,18 +155,8 @@ void compare(const mr::RouterConfig& cfg, index_t T, index_t stride, Kind kind, 
     REQUIRE(close(cr.aux_loss, rr.aux_loss, 1e-6, 1e-30));
 
     cpu.backward(x, cr, dgv, mr::MatrixView<float>(dz.data(), T, E));
-    for (index_t t = 0; t < T; ++t) {
-      float scale = 0.0f;
-      for (index_t e = 0; e < E; ++e) scale = std::max(scale, std::fabs(dz_ref[std::size_t(t * E + e)]));
-      for (index_t e = 0; e < E; ++e) {
-        const std::size_t i = std::size_t(t * E + e);
-        if (!close(dz[i], dz_ref[i], 1e-6, 1e-6 * scale + 1e-30))
-          std::fprintf(stderr, "%s %s k=%d renorm=%d scale=%g\n", Sc::name, Sel::name, int(k), int(cfg.renormalize),
-                       double(scale));
-        INFO("token ", t, " expert ", e, " cpu ", dz[i], " reference ", dz_ref[i]);
-        REQUIRE(close(dz[i], dz_ref[i], 1e-6, 1e-6 * scale + 1e-30));
-      }
-    }
+    INFO(Sc::name, " ", Sel::name, " k=", k, " renormalize=", cfg.renormalize);
+    require_grad_close(dz, dz_ref, T, E);
   }
 }
 
@@ -412,15 +415,7 @@ void backward_zloss_and_alias(index_t E, const typename Bal::Config& bc) {
   std::vector<float> dz_ref(x.size()), dz(x.size());
   ref.backward(xv, r1, dgv, mr::MatrixView<float>(dz_ref.data(), T, E));
   cpu.backward(xv, r2, dgv, mr::MatrixView<float>(dz.data(), T, E));
-  for (index_t t = 0; t < T; ++t) {
-    float scale = 0.0f;
-    for (index_t e = 0; e < E; ++e) scale = std::max(scale, std::fabs(dz_ref[std::size_t(t * E + e)]));
-    for (index_t e = 0; e < E; ++e) {
-      const std::size_t i = std::size_t(t * E + e);
-      INFO("token ", t, " expert ", e, " cpu ", dz[i], " reference ", dz_ref[i]);
-      REQUIRE(close(dz[i], dz_ref[i], 1e-6, 1e-6 * scale + 1e-30));
-    }
-  }
+  require_grad_close(dz, dz_ref, T, E);
   std::vector<float> y = x;
   cpu.backward(mr::MatrixView<const float>(y.data(), T, E), r2, dgv, mr::MatrixView<float>(y.data(), T, E));
   CHECK(y == dz);
