@@ -596,12 +596,11 @@ class CpuEngine {
         reference_gates_row<Sc>(s, ids, k, c, out.gates.data() + t * k);
         for (index_t j = 0; j < k; ++j) ++cnt[ids[j]];
       };
-      auto load = [&](index_t t, float* buf, bool& bad, float& m) { return row_f32(x, t, c.non_finite, buf, bad, m); };
       const index_t t1 = starts_[std::size_t(ci) + 1];
       for (index_t t = starts_[std::size_t(ci)]; t < t1;) {
         bool bad = false;
         float m = 0.0f;
-        const float* z = load(t, r.z.data(), bad, m);
+        const float* z = row_f32(x, t, c.non_finite, r.z.data(), bad, m);
         if (bad) {
           bad_[std::size_t(ci)] = 1;
           return;
@@ -613,7 +612,7 @@ class CpuEngine {
           // pairs, acc += (p1 + p2), one accumulator update for two rows
           if (t + 1 < t1) {
             float m2 = 0.0f;
-            const float* z2 = load(t + 1, r.z2.data(), bad, m2);
+            const float* z2 = row_f32(x, t + 1, c.non_finite, r.z2.data(), bad, m2);
             if (bad) {
               bad_[std::size_t(ci)] = 1;
               return;

@@ -202,7 +202,7 @@ inline float kth_largest_lane(vf v, index_t k) noexcept {
      ...);
   }
   (std::make_integer_sequence<int, 15>{});
-  return _mm512_mask_reduce_min_ps(_mm512_cmplt_epi32_mask(above, _mm512_set1_epi32(int(k))), v.data);
+  return masked_min(v, std::uint32_t(_mm512_cmplt_epi32_mask(above, _mm512_set1_epi32(int(k)))));
 #else
   __m256i above = _mm256_setzero_si256();
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
