@@ -135,42 +135,51 @@ inline vf load(const L* p) noexcept {
   }
 }
 
+/// fp64 registers of W / 2 lanes: a widened fp32 register is a low and a high half.
+using vd = xsimd::batch<double, simd_arch>;
+struct Widened {
+  vd lo, hi;
+};
+
+/// The exact fp64 values of x's lanes, low half and high half.
+inline Widened widen(vf x) noexcept {
+#if defined(__AVX512F__)
+  return {vd(_mm512_cvtps_pd(_mm512_castps512_ps256(x.data))),
+          vd(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x.data), 1))))};
+#else
+  return {vd(_mm256_cvtps_pd(_mm256_castps256_ps128(x.data))), vd(_mm256_cvtps_pd(_mm256_extractf128_ps(x.data, 1)))};
+#endif
+}
+
 /// The canonical 8-lane fp64 accumulator held in registers.
 struct CanonicalAcc {
 #if defined(__AVX512F__)
-  __m512d a = _mm512_setzero_pd();
-  void add(vf x) noexcept {  // elements i and i+8 both go to lane i % 8, in index order
-    a = _mm512_add_pd(a, _mm512_cvtps_pd(_mm512_castps512_ps256(x.data)));
-    a = _mm512_add_pd(a, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x.data), 1))));
+  vd a = vd(0.0);
+  void add(Widened x) noexcept {  // elements i and i+8 both go to lane i % 8, in index order
+    a = a + x.lo;
+    a = a + x.hi;
   }
-  void store(double* lanes) const noexcept { _mm512_storeu_pd(lanes, a); }
+  void store(double* lanes) const noexcept { a.store_unaligned(lanes); }
 #else
-  __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
-  void add(vf x) noexcept {
-    lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(x.data)));
-    hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(x.data, 1)));
+  vd lo = vd(0.0), hi = vd(0.0);
+  void add(Widened x) noexcept {
+    lo = lo + x.lo;
+    hi = hi + x.hi;
   }
   void store(double* lanes) const noexcept {
-    _mm256_storeu_pd(lanes, lo);
-    _mm256_storeu_pd(lanes + 4, hi);
+    lo.store_unaligned(lanes);
+    hi.store_unaligned(lanes + W / 2);
   }
 #endif
+  void add(vf x) noexcept { add(widen(x)); }
 };
 
-/// acc[0..W) += double(x[0..W)) (per-expert fp64 statistics).
-inline void add_f64(double* acc, vf x) noexcept {
-#if defined(__AVX512F__)
-  const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x.data));
-  const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x.data), 1)));
-  _mm512_storeu_pd(acc, _mm512_add_pd(_mm512_loadu_pd(acc), lo));
-  _mm512_storeu_pd(acc + 8, _mm512_add_pd(_mm512_loadu_pd(acc + 8), hi));
-#else
-  const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(x.data));
-  const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(x.data, 1));
-  _mm256_storeu_pd(acc, _mm256_add_pd(_mm256_loadu_pd(acc), lo));
-  _mm256_storeu_pd(acc + 4, _mm256_add_pd(_mm256_loadu_pd(acc + 4), hi));
-#endif
+/// acc[0..W) += x (per-expert fp64 statistics).
+inline void add_f64(double* acc, Widened x) noexcept {
+  (vd::load_unaligned(acc) + x.lo).store_unaligned(acc);
+  (vd::load_unaligned(acc + W / 2) + x.hi).store_unaligned(acc + W / 2);
 }
+inline void add_f64(double* acc, vf x) noexcept { add_f64(acc, widen(x)); }
 
 /// The smallest lane of x among those set in mask (mask != 0).
 inline float masked_min(vf x, std::uint32_t mask) noexcept {
@@ -285,25 +294,12 @@ inline index_t compress(vf keys, std::uint32_t mask, std::int32_t base, float* c
 #endif
 }
 
-/// Σ double(a_i)·double(b_i) over W lanes into an fp64 accumulator register pair.
+/// Σ double(a_i)·double(b_i) over W lanes into the canonical fp64 accumulator.
 struct DotAcc {
   CanonicalAcc acc;
   void add(vf a, vf b) noexcept {
-#if defined(__AVX512F__)
-    const __m512d alo = _mm512_cvtps_pd(_mm512_castps512_ps256(a.data));
-    const __m512d ahi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a.data), 1)));
-    const __m512d blo = _mm512_cvtps_pd(_mm512_castps512_ps256(b.data));
-    const __m512d bhi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(b.data), 1)));
-    acc.a = _mm512_add_pd(acc.a, _mm512_mul_pd(alo, blo));
-    acc.a = _mm512_add_pd(acc.a, _mm512_mul_pd(ahi, bhi));
-#else
-    const __m256d alo = _mm256_cvtps_pd(_mm256_castps256_ps128(a.data));
-    const __m256d ahi = _mm256_cvtps_pd(_mm256_extractf128_ps(a.data, 1));
-    const __m256d blo = _mm256_cvtps_pd(_mm256_castps256_ps128(b.data));
-    const __m256d bhi = _mm256_cvtps_pd(_mm256_extractf128_ps(b.data, 1));
-    acc.lo = _mm256_add_pd(acc.lo, _mm256_mul_pd(alo, blo));
-    acc.hi = _mm256_add_pd(acc.hi, _mm256_mul_pd(ahi, bhi));
-#endif
+    const Widened wa = widen(a), wb = widen(b);
+    acc.add(Widened{wa.lo * wb.lo, wa.hi * wb.hi});
   }
 };
 #else
@@ -523,24 +519,8 @@ inline void accumulate_f64_pair(double* acc, const float* a, const float* b, ind
   index_t i = 0;
 #if MOEROUTE_CPU_SIMD
   for (; i < vec_end(n); i += W) {
-#if defined(__AVX512F__)
-    const __m512 va = _mm512_loadu_ps(a + i), vb = _mm512_loadu_ps(b + i);
-    const __m512d lo =
-        _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(va)), _mm512_cvtps_pd(_mm512_castps512_ps256(vb)));
-    const __m512d hi =
-        _mm512_add_pd(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(va), 1))),
-                      _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(vb), 1))));
-    _mm512_storeu_pd(acc + i, _mm512_add_pd(_mm512_loadu_pd(acc + i), lo));
-    _mm512_storeu_pd(acc + i + 8, _mm512_add_pd(_mm512_loadu_pd(acc + i + 8), hi));
-#else
-    const __m256 va = _mm256_loadu_ps(a + i), vb = _mm256_loadu_ps(b + i);
-    const __m256d lo =
-        _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(va)), _mm256_cvtps_pd(_mm256_castps256_ps128(vb)));
-    const __m256d hi =
-        _mm256_add_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(va, 1)), _mm256_cvtps_pd(_mm256_extractf128_ps(vb, 1)));
-    _mm256_storeu_pd(acc + i, _mm256_add_pd(_mm256_loadu_pd(acc + i), lo));
-    _mm256_storeu_pd(acc + i + 4, _mm256_add_pd(_mm256_loadu_pd(acc + i + 4), hi));
-#endif
+    const Widened wa = widen(vf::load_unaligned(a + i)), wb = widen(vf::load_unaligned(b + i));
+    add_f64(acc + i, Widened{wa.lo + wb.lo, wa.hi + wb.hi});
   }
 #endif
   for (; i < n; ++i) acc[i] += double(a[i]) + double(b[i]);
