@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -68,7 +69,7 @@ L element_of(float x) {
     return L(x);
 }
 
-enum class Kind { random, ties, huge, mixed };
+enum class Kind { random, ties, huge, mixed, signed_zeros };
 
 /// Logits [T, stride] (the columns past E hold garbage that must be ignored).
 template <class L>
@@ -81,6 +82,7 @@ std::vector<L> make_logits(index_t T, index_t E, index_t stride, Kind kind, unsi
     for (index_t e = 0; e < E; ++e) {
       float v = nd(rng);
       if (kind == Kind::ties) v = 0.5f * float(small(rng));  // many exactly equal keys
+      if (kind == Kind::signed_zeros) v = (t + e) % 3 == 0 ? -0.0f : (t + e) % 3 == 1 ? 0.0f : nd(rng);
       if (kind == Kind::huge) v = (e % 3 == 0 ? 3e4f : -2e4f) + 100.0f * nd(rng);
       if (kind == Kind::mixed) v = (t % 3 == 0) ? 0.25f * float(small(rng)) : 30.0f * nd(rng);
       x[std::size_t(t * stride + e)] = element_of<L>(v);
@@ -146,7 +148,10 @@ void compare(const mr::RouterConfig& cfg, index_t T, index_t stride, Kind kind, 
     REQUIRE(std::equal(cr.ids.begin(), cr.ids.end(), rr.ids.begin()));
     REQUIRE(std::equal(cr.counts.begin(), cr.counts.end(), rr.counts.begin()));
     REQUIRE(std::equal(cr.seq_counts.begin(), cr.seq_counts.end(), rr.seq_counts.begin()));
-    for (std::size_t i = 0; i < cr.gates.size(); ++i) REQUIRE(close(cr.gates[i], rr.gates[i], 1e-6));
+    for (std::size_t i = 0; i < cr.gates.size(); ++i) {
+      REQUIRE(close(cr.gates[i], rr.gates[i], 1e-6));
+      REQUIRE(std::signbit(cr.gates[i]) == std::signbit(rr.gates[i]));  // −0 too
+    }
     for (index_t e = 0; e < E; ++e)
       REQUIRE(close(cr.prob_sums[std::size_t(e)], rr.prob_sums[std::size_t(e)], 1e-6, 1e-30));
     for (std::size_t i = 0; i < cr.seq_prob_sums.size(); ++i)
@@ -257,25 +262,31 @@ TEST_CASE("cpu backend: expert choice's integer selection equals ExpertChoice::s
   std::mt19937 rng(8);
   std::uniform_int_distribution<int> small(-3, 3);
   std::normal_distribution<float> nd(0.0f, 1.0f);
-  for (index_t T : {1, 2, 7, 100, 1000}) {
-    for (index_t C : {1, 3, 50, 100, 2000}) {
-      for (bool ties : {false, true}) {
+  std::uniform_int_distribution<std::uint32_t> ulps(0, 1u << 14);
+  for (index_t T : {1, 2, 7, 100, 1000, 5000}) {
+    for (index_t C : {1, 3, 50, 100, 2000, 4999}) {
+      for (int kind = 0; kind < 4; ++kind) {
         CAPTURE(T);
         CAPTURE(C);
-        CAPTURE(ties);
-        // ties: few values, negative ones, and -0 next to +0 (equal keys: lower token first)
+        CAPTURE(kind);
+        // 1: few values, negative ones, and -0 next to +0 (equal keys: lower token first);
+        // 2: keys a few thousand ulps apart, so the selection is decided in the last digits of
+        // the radix passes; 3: one value repeated, some just above it (the rank among ties)
         std::vector<float> key(static_cast<std::size_t>(T));
         for (auto& v : key) {
           const int q = small(rng);
-          v = ties ? (q == 0 ? (nd(rng) < 0.0f ? -0.0f : 0.0f) : 0.5f * float(q)) : nd(rng);
+          if (kind == 0) v = nd(rng);
+          if (kind == 1) v = q == 0 ? (nd(rng) < 0.0f ? -0.0f : 0.0f) : 0.5f * float(q);
+          if (kind == 2) v = std::bit_cast<float>(std::bit_cast<std::uint32_t>(q < 0 ? -0.75f : 0.75f) + ulps(rng));
+          if (kind == 3) v = q == 3 ? std::nextafter(0.25f, 1.0f) : 0.25f;
         }
         std::vector<std::int32_t> want(static_cast<std::size_t>(C)), got(want.size()), scratch(key.size());
         mr::ExpertChoice::select_batch(mr::MatrixView<const float>(key.data(), T, 1), C,
                                        mr::MatrixView<std::int32_t>(want.data(), 1, C),
                                        std::span<std::int32_t>(scratch));
-        std::vector<std::uint64_t> ranked(key.size());
-        for (index_t t = 0; t < T; ++t) ranked[std::size_t(t)] = mr::detail::cpu::rank_key(key[std::size_t(t)], t);
-        mr::detail::cpu::expert_top_tokens(ranked.data(), T, C, got.data());
+        std::vector<std::uint32_t> code(key.size()), work(2 * key.size());
+        for (index_t t = 0; t < T; ++t) code[std::size_t(t)] = mr::detail::cpu::key_code(key[std::size_t(t)]);
+        mr::detail::cpu::expert_top_tokens(code.data(), T, C, got.data(), work.data());
         CHECK(got == want);
       }
     }
@@ -571,6 +582,14 @@ TEST_CASE("cpu backend: a user parallel-for and a shared pool give the same resu
   CHECK(std::equal(r1.prob_sums.begin(), r1.prob_sums.end(), r2.prob_sums.begin()));  // same chunk order
 }
 
+/// A user's element-wise scoring that keeps the sign of zero: s = z.
+struct IdentityScore {
+  static constexpr mr::ScoreForm form = mr::ScoreForm::elementwise;
+  static constexpr const char* name = "identity";
+  static float score(float z) noexcept { return z; }
+  static float derivative(float, float) noexcept { return 1.0f; }
+};
+
 TEST_CASE("cpu backend: ExpertChoice (scoring forms, ties, strides, C > T, bias, dprob, sequences, z-loss)") {
   mr::RouterConfig cfg;
   cfg.num_experts = 16;
@@ -578,6 +597,11 @@ TEST_CASE("cpu backend: ExpertChoice (scoring forms, ties, strides, C > T, bias,
   compare<mr::ExpertChoice, mr::Softmax, mr::NoBalancing, float>(cfg, 90, 16, Kind::ties, 61u);
   compare<mr::ExpertChoice, mr::Sigmoid, mr::NoBalancing, float>(cfg, 300, 20, Kind::random, 62u);  // strided rows
   compare<mr::ExpertChoice, mr::SqrtSoftplus, mr::NoBalancing, mr::bfloat16>(cfg, 300, 16, Kind::mixed, 63u);
+  // scores of −0 and +0 chosen as ties (C = 150 of 300 tokens: a third of the keys are above
+  // zero), their gates keep the sign (−0 · scaling)
+  cfg.capacity_factor = 8.0f;
+  compare<mr::ExpertChoice, IdentityScore, mr::NoBalancing, float>(cfg, 300, 16, Kind::signed_zeros, 67u);
+  cfg.capacity_factor = 1.5f;
   cfg.capacity_factor = 40.0f;  // C = 150 > T = 60: every token, then slots of -1
   compare<mr::ExpertChoice, mr::Softmax, mr::NoBalancing, float>(cfg, 60, 16, Kind::huge, 64u);
   for (index_t E : {7, 64, 257}) {

@@ -486,6 +486,52 @@ inline vf scale_lane_max(float* x, index_t n, float c, double* acc) noexcept {
 }
 #endif
 
+/// Expert choice's order of keys as unsigned integers: a larger key has a larger code, and −0
+/// and +0 have the same one (equal keys: ExpertChoice::select_batch takes the lower token first).
+inline std::uint32_t key_code(float key) noexcept {
+  const std::uint32_t u = key == 0.0f ? 0u : float_bits(key);
+  return u ^ ((u & 0x80000000u) ? 0xffffffffu : 0x80000000u);
+}
+
+/// The key of a code: key_code's inverse, except that ±0 come back as +0.
+inline float code_key(std::uint32_t c) noexcept {
+  return std::bit_cast<float>(c ^ ((c & 0x80000000u) ? 0x80000000u : 0xffffffffu));
+}
+
+/// out[i] = key_code(key[i]).
+inline void key_codes(const float* key, index_t n, std::uint32_t* out) noexcept {
+  index_t i = 0;
+#if MOEROUTE_CPU_SIMD
+  for (; i < vec_end(n); i += W) {
+    const vf x = vf::load_unaligned(key + i);
+    const vi u = xsimd::bitwise_cast<vi>(xsimd::select(x == vf(0.0f), vf(0.0f), x));  // −0 → +0
+#if defined(__AVX512F__)
+    const vi flip(_mm512_or_si512(_mm512_srai_epi32(u.data, 31), _mm512_set1_epi32(INT32_MIN)));
+#else
+    const vi flip(_mm256_or_si256(_mm256_srai_epi32(u.data, 31), _mm256_set1_epi32(INT32_MIN)));
+#endif
+    (u ^ flip).store_unaligned(reinterpret_cast<std::int32_t*>(out + i));
+  }
+#endif
+  for (; i < n; ++i) out[i] = key_code(key[i]);
+}
+
+/// Bit masks of the codes in code[0, W) whose top 11 bits are above `top` (first) and equal to
+/// it (second): the radix selection's split of the tokens, a register of codes at a time.
+inline std::pair<std::uint32_t, std::uint32_t> top_digit_masks(const std::uint32_t* code, std::uint32_t top) noexcept {
+#if MOEROUTE_CPU_SIMD && defined(__AVX512F__)
+  const __m512i d = _mm512_srli_epi32(_mm512_loadu_si512(code), 21), t = _mm512_set1_epi32(std::int32_t(top));
+  return {std::uint32_t(_mm512_cmpgt_epi32_mask(d, t)), std::uint32_t(_mm512_cmpeq_epi32_mask(d, t))};
+#elif MOEROUTE_CPU_SIMD
+  const __m256i d = _mm256_srli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(code)), 21);
+  const __m256i t = _mm256_set1_epi32(std::int32_t(top));  // digits < 2^11: a signed compare is exact
+  return {std::uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(d, t)))),
+          std::uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(d, t))))};
+#else
+  return {std::uint32_t((code[0] >> 21) > top), std::uint32_t((code[0] >> 21) == top)};
+#endif
+}
+
 /// out[i] = a[i] + b[i].
 inline void add(const float* a, const float* b, index_t n, float* out) noexcept {
   index_t i = 0;
