@@ -259,35 +259,50 @@ TEST_CASE("cpu backend: threshold top-k equals a stable sort") {
 }
 
 TEST_CASE("cpu backend: expert choice's integer selection equals ExpertChoice::select_batch") {
+  namespace cpu = mr::detail::cpu;
+  constexpr index_t L = cpu::key_tile;
   std::mt19937 rng(8);
   std::uniform_int_distribution<int> small(-3, 3);
   std::normal_distribution<float> nd(0.0f, 1.0f);
   std::uniform_int_distribution<std::uint32_t> ulps(0, 1u << 14);
+  cpu::TileSelectScratch scratch;  // reused across calls, as the engine does
   for (index_t T : {1, 2, 7, 100, 1000, 5000}) {
     for (index_t C : {1, 3, 50, 100, 2000, 4999}) {
-      for (int kind = 0; kind < 4; ++kind) {
+      for (index_t n : {index_t(1), index_t(5), L}) {
         CAPTURE(T);
         CAPTURE(C);
-        CAPTURE(kind);
-        // 1: few values, negative ones, and -0 next to +0 (equal keys: lower token first);
-        // 2: keys a few thousand ulps apart, so the selection is decided in the last digits of
-        // the radix passes; 3: one value repeated, some just above it (the rank among ties)
-        std::vector<float> key(static_cast<std::size_t>(T));
-        for (auto& v : key) {
-          const int q = small(rng);
-          if (kind == 0) v = nd(rng);
-          if (kind == 1) v = q == 0 ? (nd(rng) < 0.0f ? -0.0f : 0.0f) : 0.5f * float(q);
-          if (kind == 2) v = std::bit_cast<float>(std::bit_cast<std::uint32_t>(q < 0 ? -0.75f : 0.75f) + ulps(rng));
-          if (kind == 3) v = q == 3 ? std::nextafter(0.25f, 1.0f) : 0.25f;
+        CAPTURE(n);
+        // a tile [T][L] whose expert i has keys of kind i % 4 (lanes past n: garbage)
+        // 0: normal; 1: few values, negative ones, and -0 next to +0 (equal keys: lower token
+        // first); 2: keys a few thousand ulps apart, so the selection is decided in the last
+        // digits of the radix passes; 3: one value repeated, some just above it (ties at θ)
+        std::vector<float> key(std::size_t(T * L));
+        for (index_t t = 0; t < T; ++t)
+          for (index_t i = 0; i < L; ++i) {
+            const int q = small(rng);
+            float v = nd(rng) * 1e30f;
+            if (i < n && i % 4 == 0) v = nd(rng);
+            if (i < n && i % 4 == 1) v = q == 0 ? (nd(rng) < 0.0f ? -0.0f : 0.0f) : 0.5f * float(q);
+            if (i < n && i % 4 == 2)
+              v = std::bit_cast<float>(std::bit_cast<std::uint32_t>(q < 0 ? -0.75f : 0.75f) + ulps(rng));
+            if (i < n && i % 4 == 3) v = q == 3 ? std::nextafter(0.25f, 1.0f) : 0.25f;
+            key[std::size_t(t * L + i)] = v;
+          }
+        std::vector<std::uint32_t> code(key.size()), got_code(std::size_t(L * C));
+        cpu::key_codes(key.data(), index_t(key.size()), code.data());
+        std::vector<std::int32_t> got(std::size_t(L * C), 7);
+        cpu::select_tile(code.data(), T, n, C, got.data(), got_code.data(), scratch);
+        for (index_t i = 0; i < n; ++i) {
+          CAPTURE(i);
+          std::vector<std::int32_t> want(static_cast<std::size_t>(C)), ref_scratch(static_cast<std::size_t>(T));
+          mr::ExpertChoice::select_batch(mr::MatrixView<const float>(key.data() + i, T, 1, L), C,
+                                         mr::MatrixView<std::int32_t>(want.data(), 1, C),
+                                         std::span<std::int32_t>(ref_scratch));
+          REQUIRE(std::equal(want.begin(), want.end(), got.begin() + i * C));
+          for (index_t j = 0; j < std::min(C, T); ++j)
+            REQUIRE(got_code[std::size_t(i * C + j)] == cpu::key_code(key[std::size_t(want[std::size_t(j)] * L + i)]));
         }
-        std::vector<std::int32_t> want(static_cast<std::size_t>(C)), got(want.size()), scratch(key.size());
-        mr::ExpertChoice::select_batch(mr::MatrixView<const float>(key.data(), T, 1), C,
-                                       mr::MatrixView<std::int32_t>(want.data(), 1, C),
-                                       std::span<std::int32_t>(scratch));
-        std::vector<std::uint32_t> code(key.size()), work(2 * key.size());
-        for (index_t t = 0; t < T; ++t) code[std::size_t(t)] = mr::detail::cpu::key_code(key[std::size_t(t)]);
-        mr::detail::cpu::expert_top_tokens(code.data(), T, C, got.data(), work.data());
-        CHECK(got == want);
+        CHECK(std::all_of(got.begin() + n * C, got.end(), [](std::int32_t v) { return v == 7; }));  // untouched
       }
     }
   }

@@ -221,61 +221,112 @@ inline std::uint32_t rank_digit(const std::uint32_t* hist, std::uint32_t top, in
   return d;
 }
 
-/// ExpertChoice::select_batch for one expert from its keys' codes [T] (token order): the
-/// min(C, T) best tokens in ascending token order into ids[0, C), then −1; `scratch` holds 2T
-/// integers. A radix selection finds the min(C, T)-th largest code θ: a histogram of the top
-/// 11 bits over all tokens, one pass that takes every token above θ's top digit (in token
-/// order, into ids) and keeps the tokens at that digit, then two histograms (11 and 10 bits)
-/// over those candidates alone. A last pass over the candidates takes the codes above θ and
-/// the first tokens at θ, and a merge puts both lists in token order: two passes over the
-/// tokens and no comparison sort (several times faster than nth_element over (code, token)).
-inline void expert_top_tokens(const std::uint32_t* code, index_t T, index_t C, std::int32_t* ids,
-                              std::uint32_t* scratch) {
+/// Scratch of expert choice's selection over one tile (grows, then stays).
+struct TileSelectScratch {
+  std::vector<std::uint32_t> hist;   ///< key_tile histograms of 2048 digits (and a line of padding)
+  std::vector<std::uint32_t> cand;   ///< the candidates' codes, expert after expert
+  std::vector<std::int32_t> cand_t;  ///< and their tokens
+};
+
+/// ExpertChoice::select_batch for the n <= key_tile experts of one tile of key codes
+/// [T][key_tile] (lanes past n are ignored): expert i's min(C, T) best tokens, in ascending
+/// token order, into ids[i·C, i·C + C), then −1, and their codes into codes[i·C, ...).
+///
+/// A radix selection finds each expert's min(C, T)-th largest code θ: histograms of the top 11
+/// bits, then one pass over the tile that takes every token above θ's top digit (into ids, in
+/// token order) and keeps the tokens at that digit as candidates, comparing a token's codes for
+/// all the experts at once; then two histograms (11 and 10 bits) over each expert's candidates
+/// alone. A last pass over the candidates takes those above θ and the first tokens at θ, and a
+/// merge puts both lists in token order. Two passes over the tile, in memory order, and no
+/// comparison sort (several times faster than nth_element over (code, token) pairs).
+inline void select_tile(const std::uint32_t* tile, index_t T, index_t n, index_t C, std::int32_t* ids,
+                        std::uint32_t* codes, TileSelectScratch& s) {
+  // histograms of D digits, H apart: one line more than D, or the experts' counts of similar
+  // digits would share the same cache sets (an 8 KiB stride) and evict each other
+  constexpr index_t L = key_tile, D = 2048, H = D + 16;
   const index_t take = std::min(C, T);
-  std::fill(ids + take, ids + C, std::int32_t(-1));
+  for (index_t i = 0; i < n; ++i) std::fill(ids + i * C + take, ids + i * C + C, std::int32_t(-1));
   if (take == T) {  // every token (also T = 0)
-    for (index_t t = 0; t < T; ++t) ids[t] = std::int32_t(t);
+    for (index_t i = 0; i < n; ++i)
+      for (index_t t = 0; t < T; ++t) {
+        ids[i * C + t] = std::int32_t(t);
+        codes[i * C + t] = tile[t * L + i];
+      }
     return;
   }
-  std::uint32_t hist[2048] = {};
-  for (index_t t = 0; t < T; ++t) ++hist[code[t] >> 21];
-  index_t need = take;  // still to take among the candidates; fewer than the tokens above θ's digit
-  const std::uint32_t top = rank_digit(hist, 2047, need);
-  std::uint32_t* cand = scratch;                                        // the candidates' codes
-  std::int32_t* cand_t = reinterpret_cast<std::int32_t*>(scratch + T);  // and tokens
-  index_t above = 0, n = 0;
-  auto split = [&](index_t t, std::uint32_t gt, std::uint32_t eq) {  // bit l: token t + l
-    for (; gt; gt &= gt - 1) ids[above++] = std::int32_t(t + std::countr_zero(gt));
+  s.hist.assign(std::size_t(L * H), 0u);
+  std::uint32_t* hist = s.hist.data();
+  for (index_t t = 0; t < T; ++t)
+    for (index_t i = 0; i < n; ++i) ++hist[i * H + (tile[t * L + i] >> 21)];
+  // top[i]: θ's top digit (past n: 4095, above every digit); need[i]: still to take at it
+  alignas(64) std::uint32_t top[L];
+  index_t need[L], off[L + 1], above[L] = {}, found[L] = {};
+  off[0] = 0;
+  for (index_t i = 0; i < L; ++i) {
+    top[i] = 4095u;
+    if (i < n) {
+      need[i] = take;
+      top[i] = rank_digit(hist + i * H, D - 1, need[i]);
+    }
+    off[i + 1] = off[i] + (i < n ? index_t(hist[i * H + top[i]]) : 0);
+  }
+  if (index_t(s.cand.size()) < off[L]) {
+    s.cand.resize(std::size_t(off[L] + off[L] / 2));
+    s.cand_t.resize(s.cand.size());
+  }
+  std::uint32_t* cand = s.cand.data();
+  std::int32_t* cand_t = s.cand_t.data();
+  for (index_t t = 0; t < T; ++t) {  // few codes are at or above θ's digit: mostly compares
+    const std::uint32_t* row = tile + t * L;
+    std::uint32_t gt = 0, eq = 0;  // bit i: expert i
+    for (index_t l = 0; l < L; l += W) {
+      const auto [g, e] = top_digit_masks(row + l, top + l);
+      gt |= g << l;
+      eq |= e << l;
+    }
+    for (; gt; gt &= gt - 1) {
+      const int i = std::countr_zero(gt);
+      const index_t o = i * C + above[i]++;
+      ids[o] = std::int32_t(t);
+      codes[o] = row[i];
+    }
     for (; eq; eq &= eq - 1) {
-      const index_t u = t + std::countr_zero(eq);
-      cand[n] = code[u];
-      cand_t[n++] = std::int32_t(u);
-    }
-  };
-  index_t t = 0;
-  for (; t < vec_end(T); t += W) {  // few tokens are at or above θ's digit: mostly a compare
-    const auto [gt, eq] = top_digit_masks(code + t, top);
-    if (gt | eq) split(t, gt, eq);
-  }
-  for (; t < T; ++t) split(t, (code[t] >> 21) > top, (code[t] >> 21) == top);
-  std::fill_n(hist, 2048, 0u);
-  for (index_t i = 0; i < n; ++i) ++hist[(cand[i] >> 10) & 0x7ffu];
-  const std::uint32_t mid = rank_digit(hist, 0x7ffu, need);
-  std::fill_n(hist, 1024, 0u);
-  const std::uint32_t high = (top << 11) | mid;  // θ >> 10
-  for (index_t i = 0; i < n; ++i)
-    if ((cand[i] >> 10) == high) ++hist[cand[i] & 0x3ffu];
-  const std::uint32_t theta = (high << 10) | rank_digit(hist, 0x3ffu, need);
-  index_t sel = 0, ties = 0;  // the candidates taken, in token order, over cand_t's front
-  for (index_t i = 0; i < n; ++i) {
-    const std::uint32_t c = cand[i];
-    if (c > theta || (c == theta && ties < need)) {
-      cand_t[sel++] = cand_t[i];
-      ties += c == theta;
+      const int i = std::countr_zero(eq);
+      const index_t o = off[i] + found[i]++;
+      cand[o] = row[i];
+      cand_t[o] = std::int32_t(t);
     }
   }
-  for (index_t i = above - 1, j = sel - 1, o = take - 1; j >= 0; --o)  // merge from the back
-    ids[o] = i >= 0 && ids[i] > cand_t[j] ? ids[i--] : cand_t[j--];
+  std::uint32_t h[2048] = {};        // the candidates' digits; zeroed again by walking them (few)
+  for (index_t i = 0; i < n; ++i) {  // each expert's candidates: θ's lower 21 bits, then the pick
+    std::uint32_t* cc = cand + off[i];
+    std::int32_t* ct = cand_t + off[i];
+    const index_t m = found[i];
+    index_t rest = need[i];
+    for (index_t j = 0; j < m; ++j) ++h[(cc[j] >> 10) & 0x7ffu];
+    const std::uint32_t high = (top[i] << 11) | rank_digit(h, 0x7ffu, rest);  // θ >> 10
+    for (index_t j = 0; j < m; ++j) h[(cc[j] >> 10) & 0x7ffu] = 0;
+    for (index_t j = 0; j < m; ++j)
+      if ((cc[j] >> 10) == high) ++h[cc[j] & 0x3ffu];
+    const std::uint32_t theta = (high << 10) | rank_digit(h, 0x3ffu, rest);
+    for (index_t j = 0; j < m; ++j) h[cc[j] & 0x3ffu] = 0;
+    index_t sel = 0, ties = 0;  // the candidates taken, in token order, over the lists' front
+    for (index_t j = 0; j < m; ++j) {
+      const std::uint32_t c = cc[j];
+      if (c > theta || (c == theta && ties < rest)) {
+        cc[sel] = c;
+        ct[sel++] = ct[j];
+        ties += c == theta;
+      }
+    }
+    std::int32_t* id = ids + i * C;
+    std::uint32_t* co = codes + i * C;
+    for (index_t a = above[i] - 1, j = sel - 1, o = take - 1; j >= 0; --o) {  // merge from the back
+      const bool from_above = a >= 0 && id[a] > ct[j];
+      id[o] = from_above ? id[a] : ct[j];
+      co[o] = from_above ? co[a--] : cc[j--];
+    }
+  }
 }
 
 /// Scratch whose data() starts on a cache line, so a row's whole-register loads and stores
@@ -344,7 +395,8 @@ inline index_t line_stride(index_t E) noexcept { return (E + 15) / 16 * 16; }
 struct RowScratch {
   LineArray<float> z, s, p, key, ds, dp, gkey, z2, s2;  // z2, s2: the second row of a pair
   std::vector<std::int32_t> gmap;
-  std::vector<std::uint32_t> codes;  ///< expert choice: key codes of a tile's experts over the tokens (grows once)
+  std::vector<std::uint32_t> id_codes;  ///< expert choice: the codes of a tile's chosen tokens
+  TileSelectScratch tile_select;        ///< expert choice: the selection's scratch
 #if MOEROUTE_CPU_SIMD
   vf smax;  ///< lane-wise maximum of s, valid while have_smax (set by score_row)
 #endif
@@ -518,14 +570,13 @@ class CpuEngine {
     }
     return cpu::row_scratch();
   }
-  /// Sizes every slot's scratch for rows of E experts (and `codes` key codes), on the caller.
-  void reserve_scratch(index_t E, index_t codes = 0) {
+  /// Sizes every slot's scratch for rows of E experts, on the caller.
+  void reserve_scratch(index_t E) {
     if (user_) return;
     const auto slots = std::size_t(threads());
     if (scratch_.size() < slots) scratch_.resize(slots);
     for (cpu::RowScratch& r : scratch_) {
       r.reserve(E);
-      if (index_t(r.codes.size()) < codes) r.codes.resize(std::size_t(codes));
     }
   }
 
@@ -725,32 +776,24 @@ class CpuEngine {
     if constexpr (expert) {  // each expert's top-C tokens, tiles of experts in parallel
       const index_t cap = k;
       const bool key_is_score = !bias && !offset;
-      // the tile's experts' key codes, one array each, then 2T integers of selection scratch
-      // (the padding keeps the arrays out of the same cache sets)
-      const index_t pitch = T + 24, codes = (cpu::key_tile + 2) * pitch;
-      reserve_scratch(E, codes);
       parallel(cpu::key_tiles(E), [&](index_t b) {
-        const index_t e0 = b * cpu::key_tile, e1 = std::min(E, e0 + cpu::key_tile), n = e1 - e0;
+        const index_t e0 = b * cpu::key_tile, e1 = std::min(E, e0 + cpu::key_tile);
         cpu::RowScratch& r = scratch();
-        if (index_t(r.codes.size()) < codes) r.codes.resize(std::size_t(codes));
-        std::uint32_t* code = r.codes.data();
-        const std::uint32_t* tile = all_code_.data() + cpu::key_tile_offset(T, 0, e0);  // read once, in order
-        for (index_t t = 0; t < T; ++t)
-          for (index_t i = 0; i < n; ++i) code[i * pitch + t] = tile[t * cpu::key_tile + i];
+        if (index_t(r.id_codes.size()) < cpu::key_tile * cap) r.id_codes.resize(std::size_t(cpu::key_tile * cap));
+        cpu::select_tile(all_code_.data() + cpu::key_tile_offset(T, 0, e0), T, e1 - e0, cap, out.ids.data() + e0 * cap,
+                         r.id_codes.data(), r.tile_select);
         for (index_t e = e0; e < e1; ++e) {
-          cpu::expert_top_tokens(code + (e - e0) * pitch, T, cap, out.ids.data() + e * cap,
-                                 code + cpu::key_tile * pitch);
-          const std::uint32_t* col = code + (e - e0) * pitch;
           for (index_t j = 0; j < cap; ++j) {  // gates, counts and per-sequence counts, as the reference
             const std::int32_t t = out.ids[std::size_t(e * cap + j)];
             if (t < 0) {
               out.gates[std::size_t(e * cap + j)] = 0.0f;
               continue;
             }
+            const std::uint32_t code = r.id_codes[std::size_t((e - e0) * cap + j)];
             // keys that are the scores come back from their codes (at hand, unlike the batch's
             // scores), but for ±0, whose code has lost the sign
-            const float sv = key_is_score && col[t] != cpu::key_code(0.0f)
-                                 ? cpu::code_key(col[t])
+            const float sv = key_is_score && code != cpu::key_code(0.0f)
+                                 ? cpu::code_key(code)
                                  : all_s_[std::size_t(cpu::key_tile_offset(T, t, e))];
             out.gates[std::size_t(e * cap + j)] = sv * c.scaling;
             ++out.counts[std::size_t(e)];

@@ -516,19 +516,20 @@ inline void key_codes(const float* key, index_t n, std::uint32_t* out) noexcept 
   for (; i < n; ++i) out[i] = key_code(key[i]);
 }
 
-/// Bit masks of the codes in code[0, W) whose top 11 bits are above `top` (first) and equal to
-/// it (second): the radix selection's split of the tokens, a register of codes at a time.
-inline std::pair<std::uint32_t, std::uint32_t> top_digit_masks(const std::uint32_t* code, std::uint32_t top) noexcept {
+/// Bit masks of the lanes l of code[0, W) whose top 11 bits are above top[l] (first) and equal
+/// to it (second): the radix selection's split of the tokens, a register of codes at a time.
+inline std::pair<std::uint32_t, std::uint32_t> top_digit_masks(const std::uint32_t* code,
+                                                               const std::uint32_t* top) noexcept {
 #if MOEROUTE_CPU_SIMD && defined(__AVX512F__)
-  const __m512i d = _mm512_srli_epi32(_mm512_loadu_si512(code), 21), t = _mm512_set1_epi32(std::int32_t(top));
+  const __m512i d = _mm512_srli_epi32(_mm512_loadu_si512(code), 21), t = _mm512_loadu_si512(top);
   return {std::uint32_t(_mm512_cmpgt_epi32_mask(d, t)), std::uint32_t(_mm512_cmpeq_epi32_mask(d, t))};
 #elif MOEROUTE_CPU_SIMD
   const __m256i d = _mm256_srli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(code)), 21);
-  const __m256i t = _mm256_set1_epi32(std::int32_t(top));  // digits < 2^11: a signed compare is exact
+  const __m256i t = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(top));  // < 2^31: signed compares
   return {std::uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(d, t)))),
           std::uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(d, t))))};
 #else
-  return {std::uint32_t((code[0] >> 21) > top), std::uint32_t((code[0] >> 21) == top)};
+  return {std::uint32_t((code[0] >> 21) > top[0]), std::uint32_t((code[0] >> 21) == top[0])};
 #endif
 }
 
