@@ -813,12 +813,21 @@ class CpuEngine {
     cpu::make_chunks(T, has_seq ? seq_len : 0, starts_);
     const index_t C = index_t(starts_.size()) - 1;
     const float dlse = aux.dlse_sq;
-    if constexpr (expert) {  // the [E, C] gate gradient scattered into a dense ∂L/∂s [T, E], as the reference
-      all_ds_.assign(std::size_t(T * E), 0.0f);
-      for (index_t e = 0; e < E; ++e)
+    if constexpr (expert) {  // the [E, C] gate gradient grouped by token: a few experts per token
+      tok_start_.assign(std::size_t(T + 1), 0);
+      for (const std::int32_t t : rv.ids)
+        if (t >= 0) ++tok_start_[std::size_t(t) + 1];
+      for (index_t t = 0; t < T; ++t) tok_start_[std::size_t(t + 1)] += tok_start_[std::size_t(t)];
+      tok_fill_.assign(tok_start_.begin(), tok_start_.end() - 1);
+      tok_e_.resize(std::size_t(tok_start_[std::size_t(T)]));
+      tok_g_.resize(tok_e_.size());
+      for (index_t e = 0; e < E; ++e)  // a token's experts in ascending order
         for (index_t j = 0; j < k; ++j) {
           const std::int32_t t = rv.ids[std::size_t(e * k + j)];
-          if (t >= 0) all_ds_[std::size_t(t * E + e)] += c.scaling * dg(e, j);
+          if (t < 0) continue;
+          const index_t o = tok_fill_[std::size_t(t)]++;
+          tok_e_[std::size_t(o)] = std::int32_t(e);
+          tok_g_[std::size_t(o)] = c.scaling * dg(e, j);
         }
     }
 
@@ -905,9 +914,36 @@ class CpuEngine {
         float* ds = r.ds.data();
         float* dzr = dz.row_ptr(t);
         if constexpr (expert) {  // this token's ∂L/∂s, then the reference's chain rule
-          std::copy(all_ds_.begin() + t * E, all_ds_.begin() + (t + 1) * E, ds);
-          std::fill(dzr, dzr + E, 0.0f);
-          reference_chain_row<Sc>(z, s, p, lse, E, ds, dp, dlse, dzr);
+          const index_t o0 = tok_start_[std::size_t(t)], o1 = tok_start_[std::size_t(t + 1)];
+          std::fill(ds, ds + E, 0.0f);  // ∂L/∂s, summed from zero as the reference does
+          for (index_t o = o0; o < o1; ++o) ds[tok_e_[std::size_t(o)]] += tok_g_[std::size_t(o)];
+          if constexpr (Sc::form == ScoreForm::softmax) {
+            // dz = 0 + s·(ds − dot), dot = Σ s·ds in fp64. Without ∂L/∂p, ds is zero but at the
+            // token's few experts, and their terms alone, in expert order, are the reference's
+            // whole sum (the zero terms add nothing)
+            double dot64 = 0.0;
+            if (dp) {
+              cpu::add(ds, dp, E, ds);
+              dot64 = cpu::dot_f64(s, ds, E);
+            } else {
+              for (index_t o = o0; o < o1; ++o) {
+                const std::int32_t e = tok_e_[std::size_t(o)];
+                dot64 += double(s[e]) * ds[e];
+              }
+            }
+            const float dot = float(dot64);
+            index_t i = 0;
+#if MOEROUTE_CPU_SIMD
+            for (; i < cpu::vec_end(E); i += cpu::W)
+              (cpu::vf(0.0f) + cpu::vf::load_unaligned(s + i) * (cpu::vf::load_unaligned(ds + i) - cpu::vf(dot)))
+                  .store_unaligned(dzr + i);
+#endif
+            for (; i < E; ++i) dzr[i] = 0.0f + s[i] * (ds[i] - dot);
+            if (dlse != 0.0f) add_zloss(z, lse, dzr);
+          } else {
+            std::fill(dzr, dzr + E, 0.0f);
+            reference_chain_row<Sc>(z, s, p, lse, E, ds, dp, dlse, dzr);
+          }
           continue;
         }
         const std::int32_t* ids = rv.ids.data() + t * k;
@@ -973,10 +1009,12 @@ class CpuEngine {
   std::vector<index_t> starts_;
   cpu::LineArray<double> acc_;  ///< per-chunk fp64 probability sums [chunk][line_stride(E)]
   std::vector<double> lse_;
-  std::vector<float> all_s_;             ///< expert choice: scores in tiles (cpu::key_tile_offset)
-  std::vector<std::uint32_t> all_code_;  ///< expert choice: the keys' codes in tiles
-  std::vector<float> all_ds_;            ///< expert choice: ∂L/∂s [T, E]
-  cpu::LineArray<std::int32_t> cnt_;     ///< per-chunk expert counts [chunk][line_stride(E)]
+  std::vector<float> all_s_;                   ///< expert choice: scores in tiles (cpu::key_tile_offset)
+  std::vector<std::uint32_t> all_code_;        ///< expert choice: the keys' codes in tiles
+  std::vector<index_t> tok_start_, tok_fill_;  ///< expert choice: each token's run in tok_e_ / tok_g_
+  std::vector<std::int32_t> tok_e_;            ///< expert choice: the experts that chose the token
+  std::vector<float> tok_g_;                   ///< expert choice: and the scaled gate gradient
+  cpu::LineArray<std::int32_t> cnt_;           ///< per-chunk expert counts [chunk][line_stride(E)]
   std::vector<std::uint8_t> bad_;
 };
 
