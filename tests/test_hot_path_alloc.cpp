@@ -123,6 +123,39 @@ TEST_CASE("Router<ExpertChoice>::route does not allocate once the batch stops gr
   }
 }
 
+TEST_CASE("Router<ExpertChoice, ..., CpuBackend>: route and backward allocate nothing once the batch stops growing") {
+  // a pool of more threads than tiles' worth of work per thread: which thread selects which
+  // tile changes from call to call, and a batch of equal logits (every token a candidate of
+  // every expert) follows random ones
+  const mr::index_t E = 256, T_max = 512;
+  std::mt19937 gen(4);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> random(std::size_t(T_max * E)), tied(random.size(), 0.25f), gz(random.size());
+  for (float& v : random) v = nd(gen);
+  mr::RouterConfig cfg;
+  cfg.num_experts = E;
+  cfg.capacity_factor = 2.0f;
+  mr::Router<mr::ExpertChoice, mr::NoBalancing, mr::CpuBackend> router(cfg);
+  router.engine().set_threads(4);
+  std::vector<float> gg(std::size_t(E * router.slots(T_max)), 0.5f);
+  mr::RoutingBuffers buf;
+  auto step = [&](const std::vector<float>& z, mr::index_t T, mr::RoutingView& out) {
+    const mr::MatrixView<const float> zv(z.data(), T, E);
+    router.route(zv, out);
+    router.backward(zv, out, mr::MatrixView<const float>(gg.data(), E, router.slots(T)),
+                    mr::MatrixView<float>(gz.data(), T, E));
+  };
+  mr::RoutingView big = router.make_output(buf, T_max);
+  step(random, T_max, big);  // sizes every workspace
+  for (int run = 0; run < 8; ++run) {
+    const mr::index_t T = run == 3 ? 100 : T_max;
+    CAPTURE(run);
+    mr::RoutingView out = router.make_output(buf, T);
+    CHECK(allocations_in([&] { step(run == 5 ? tied : random, T, out); }) == 0);
+    CHECK(out.counts[0] == router.slots(T));  // the step really routed the batch
+  }
+}
+
 namespace {
 /// A training step (route, backward, step) of Router<Se, B, Be> allocates nothing once a
 /// first step at the largest batch has sized the buffers, for that batch and smaller ones.

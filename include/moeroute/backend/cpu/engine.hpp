@@ -221,6 +221,11 @@ inline std::uint32_t rank_digit(const std::uint32_t* hist, std::uint32_t top, in
   return d;
 }
 
+/// Pitch of the selection's per-expert histograms of 2048 digits: one line more, or the
+/// experts' counts of similar digits would share the same cache sets (an 8 KiB stride) and
+/// evict each other.
+inline constexpr index_t tile_hist_pitch = 2048 + 16;
+
 /// Scratch of expert choice's selection over one tile (grows, then stays).
 struct TileSelectScratch {
   std::vector<std::uint32_t> hist;   ///< key_tile histograms of 2048 digits (and a line of padding)
@@ -241,9 +246,7 @@ struct TileSelectScratch {
 /// comparison sort (several times faster than nth_element over (code, token) pairs).
 inline void select_tile(const std::uint32_t* tile, index_t T, index_t n, index_t C, std::int32_t* ids,
                         std::uint32_t* codes, TileSelectScratch& s) {
-  // histograms of D digits, H apart: one line more than D, or the experts' counts of similar
-  // digits would share the same cache sets (an 8 KiB stride) and evict each other
-  constexpr index_t L = key_tile, D = 2048, H = D + 16;
+  constexpr index_t L = key_tile, D = 2048, H = tile_hist_pitch;
   const index_t take = std::min(C, T);
   for (index_t i = 0; i < n; ++i) std::fill(ids + i * C + take, ids + i * C + C, std::int32_t(-1));
   if (take == T) {  // every token (also T = 0)
@@ -254,8 +257,9 @@ inline void select_tile(const std::uint32_t* tile, index_t T, index_t n, index_t
       }
     return;
   }
-  s.hist.assign(std::size_t(L * H), 0u);
+  if (index_t(s.hist.size()) < L * H) s.hist.resize(std::size_t(L * H));  // (the engine sizes it up front)
   std::uint32_t* hist = s.hist.data();
+  std::fill_n(hist, n * H, 0u);
   for (index_t t = 0; t < T; ++t)
     for (index_t i = 0; i < n; ++i) ++hist[i * H + (tile[t * L + i] >> 21)];
   // top[i]: θ's top digit (past n: 4095, above every digit); need[i]: still to take at it
@@ -270,8 +274,8 @@ inline void select_tile(const std::uint32_t* tile, index_t T, index_t n, index_t
     }
     off[i + 1] = off[i] + (i < n ? index_t(hist[i * H + top[i]]) : 0);
   }
-  if (index_t(s.cand.size()) < off[L]) {
-    s.cand.resize(std::size_t(off[L] + off[L] / 2));
+  if (index_t(s.cand.size()) < off[L]) {  // at most n·T; the engine reserves key_tile·T
+    s.cand.resize(std::size_t(off[L]));
     s.cand_t.resize(s.cand.size());
   }
   std::uint32_t* cand = s.cand.data();
@@ -397,6 +401,17 @@ struct RowScratch {
   std::vector<std::int32_t> gmap;
   std::vector<std::uint32_t> id_codes;  ///< expert choice: the codes of a tile's chosen tokens
   TileSelectScratch tile_select;        ///< expert choice: the selection's scratch
+  /// Sizes the expert-choice scratch for a tile of T tokens and capacity C (its worst case:
+  /// every token a candidate of every expert), so that no selection allocates.
+  void reserve_tile_select(index_t T, index_t C) {
+    const auto grow = [](auto& v, index_t n) {
+      if (index_t(v.size()) < n) v.resize(std::size_t(n));
+    };
+    grow(id_codes, key_tile * C);
+    grow(tile_select.hist, key_tile * tile_hist_pitch);
+    grow(tile_select.cand, key_tile * T);
+    grow(tile_select.cand_t, key_tile * T);
+  }
 #if MOEROUTE_CPU_SIMD
   vf smax;  ///< lane-wise maximum of s, valid while have_smax (set by score_row)
 #endif
@@ -570,13 +585,15 @@ class CpuEngine {
     }
     return cpu::row_scratch();
   }
-  /// Sizes every slot's scratch for rows of E experts, on the caller.
-  void reserve_scratch(index_t E) {
+  /// Sizes every slot's scratch for rows of E experts, on the caller; with T > 0 also for
+  /// expert choice's selection of a tile of T tokens with capacity C.
+  void reserve_scratch(index_t E, index_t T = 0, index_t C = 0) {
     if (user_) return;
     const auto slots = std::size_t(threads());
     if (scratch_.size() < slots) scratch_.resize(slots);
     for (cpu::RowScratch& r : scratch_) {
       r.reserve(E);
+      if (T > 0) r.reserve_tile_select(T, C);
     }
   }
 
@@ -776,10 +793,11 @@ class CpuEngine {
     if constexpr (expert) {  // each expert's top-C tokens, tiles of experts in parallel
       const index_t cap = k;
       const bool key_is_score = !bias && !offset;
+      reserve_scratch(E, T, cap);
       parallel(cpu::key_tiles(E), [&](index_t b) {
         const index_t e0 = b * cpu::key_tile, e1 = std::min(E, e0 + cpu::key_tile);
         cpu::RowScratch& r = scratch();
-        if (index_t(r.id_codes.size()) < cpu::key_tile * cap) r.id_codes.resize(std::size_t(cpu::key_tile * cap));
+        r.reserve_tile_select(T, cap);  // sized already, but for a user parallel-for's threads
         cpu::select_tile(all_code_.data() + cpu::key_tile_offset(T, 0, e0), T, e1 - e0, cap, out.ids.data() + e0 * cap,
                          r.id_codes.data(), r.tile_select);
         for (index_t e = e0; e < e1; ++e) {
@@ -928,6 +946,7 @@ class CpuEngine {
             } else {
               for (index_t o = o0; o < o1; ++o) {
                 const std::int32_t e = tok_e_[std::size_t(o)];
+                if (o > o0 && e == tok_e_[std::size_t(o - 1)]) continue;  // a token listed twice by one expert
                 dot64 += double(s[e]) * ds[e];
               }
             }
@@ -1009,8 +1028,8 @@ class CpuEngine {
   std::vector<index_t> starts_;
   cpu::LineArray<double> acc_;  ///< per-chunk fp64 probability sums [chunk][line_stride(E)]
   std::vector<double> lse_;
-  std::vector<float> all_s_;                   ///< expert choice: scores in tiles (cpu::key_tile_offset)
-  std::vector<std::uint32_t> all_code_;        ///< expert choice: the keys' codes in tiles
+  cpu::LineArray<float> all_s_;                ///< expert choice: scores in tiles (cpu::key_tile_offset)
+  cpu::LineArray<std::uint32_t> all_code_;     ///< expert choice: the keys' codes in tiles
   std::vector<index_t> tok_start_, tok_fill_;  ///< expert choice: each token's run in tok_e_ / tok_g_
   std::vector<std::int32_t> tok_e_;            ///< expert choice: the experts that chose the token
   std::vector<float> tok_g_;                   ///< expert choice: and the scaled gate gradient
