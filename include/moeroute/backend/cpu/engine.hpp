@@ -231,6 +231,15 @@ struct TileSelectScratch {
   std::vector<std::uint32_t> hist;   ///< key_tile histograms of 2048 digits (and a line of padding)
   std::vector<std::uint32_t> cand;   ///< the candidates' codes, expert after expert
   std::vector<std::int32_t> cand_t;  ///< and their tokens
+  /// Sizes the scratch for a tile of T tokens in its worst case (every token a candidate of
+  /// every expert), so that no selection over at most T tokens allocates.
+  void reserve(index_t T) {
+    if (index_t(hist.size()) < key_tile * tile_hist_pitch) hist.resize(std::size_t(key_tile * tile_hist_pitch));
+    if (index_t(cand.size()) < key_tile * T) {
+      cand.resize(std::size_t(key_tile * T));
+      cand_t.resize(cand.size());
+    }
+  }
 };
 
 /// ExpertChoice::select_batch for the n <= key_tile experts of one tile of key codes
@@ -257,7 +266,7 @@ inline void select_tile(const std::uint32_t* tile, index_t T, index_t n, index_t
       }
     return;
   }
-  if (index_t(s.hist.size()) < L * H) s.hist.resize(std::size_t(L * H));  // (the engine sizes it up front)
+  s.reserve(T);  // (the engine sizes it up front: no allocation here then)
   std::uint32_t* hist = s.hist.data();
   std::fill_n(hist, n * H, 0u);
   for (index_t t = 0; t < T; ++t)
@@ -273,10 +282,6 @@ inline void select_tile(const std::uint32_t* tile, index_t T, index_t n, index_t
       top[i] = rank_digit(hist + i * H, D - 1, need[i]);
     }
     off[i + 1] = off[i] + (i < n ? index_t(hist[i * H + top[i]]) : 0);
-  }
-  if (index_t(s.cand.size()) < off[L]) {  // at most n·T; the engine reserves key_tile·T
-    s.cand.resize(std::size_t(off[L]));
-    s.cand_t.resize(s.cand.size());
   }
   std::uint32_t* cand = s.cand.data();
   std::int32_t* cand_t = s.cand_t.data();
@@ -404,13 +409,8 @@ struct RowScratch {
   /// Sizes the expert-choice scratch for a tile of T tokens and capacity C (its worst case:
   /// every token a candidate of every expert), so that no selection allocates.
   void reserve_tile_select(index_t T, index_t C) {
-    const auto grow = [](auto& v, index_t n) {
-      if (index_t(v.size()) < n) v.resize(std::size_t(n));
-    };
-    grow(id_codes, key_tile * C);
-    grow(tile_select.hist, key_tile * tile_hist_pitch);
-    grow(tile_select.cand, key_tile * T);
-    grow(tile_select.cand_t, key_tile * T);
+    if (index_t(id_codes.size()) < key_tile * C) id_codes.resize(std::size_t(key_tile * C));
+    tile_select.reserve(T);
   }
 #if MOEROUTE_CPU_SIMD
   vf smax;  ///< lane-wise maximum of s, valid while have_smax (set by score_row)
