@@ -19,6 +19,7 @@
 #include <moeroute/moeroute.hpp>
 #include <numeric>
 #include <random>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -207,17 +208,22 @@ TEST_CASE("cpu backend: the k-th largest lane of a register equals a sort's") {
 }
 #endif
 
-TEST_CASE("cpu backend: sort_ids equals std::sort, duplicates included") {
+TEST_CASE("cpu backend: rank_ids gives each id's place in a stable sort, duplicates included") {
   std::mt19937 rng(5);
   for (index_t k = 1; k <= 24; ++k)
     for (int trial = 0; trial < 200; ++trial) {
       std::uniform_int_distribution<int> id(0, trial % 2 ? 4 * int(k) : int(k) / 2);  // odd: mostly distinct
-      std::vector<std::int32_t> ids(std::size_t(k), 0), got(std::size_t(k), -1);
+      std::vector<std::int32_t> ids(std::size_t(k), 0), place(std::size_t(k), -1);
       for (auto& v : ids) v = id(rng);
-      mr::detail::cpu::sort_ids(ids.data(), k, got.data());
-      std::sort(ids.begin(), ids.end());
+      const bool distinct = mr::detail::cpu::rank_ids(ids.data(), k, place.data());
+      std::vector<std::int32_t> order(std::size_t(k), 0), want(std::size_t(k), -1);
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(),
+                       [&](int a, int b) { return ids[std::size_t(a)] < ids[std::size_t(b)]; });
+      for (index_t p = 0; p < k; ++p) want[std::size_t(order[std::size_t(p)])] = std::int32_t(p);
       CAPTURE(k);
-      REQUIRE(got == ids);
+      REQUIRE(place == want);
+      REQUIRE(distinct == (std::set<std::int32_t>(ids.begin(), ids.end()).size() == ids.size()));
     }
 }
 
@@ -653,6 +659,44 @@ TEST_CASE("cpu backend: ExpertChoice backward of a routing that lists a token tw
   ref.backward(x, rv, dgv, mr::MatrixView<float>(dz_ref.data(), T, E));
   cpu.backward(x, rv, dgv, mr::MatrixView<float>(dz.data(), T, E));
   require_grad_close(dz, dz_ref, T, E);
+}
+
+TEST_CASE("cpu backend: TopK backward of a routing that lists an expert twice for one token") {
+  // route() never repeats an expert within a token, but backward accepts any ids in range: both
+  // gate gradients go to the same score, and the softmax's chain rule counts that score once
+  const index_t T = 40, E = 64;
+  const std::vector<float> data = make_logits<float>(T, E, E, Kind::random, 93u);
+  const mr::MatrixView<const float> x(data.data(), T, E);
+  auto run = [&]<index_t K>(std::integral_constant<index_t, K>, bool renormalize) {
+    CAPTURE(K);
+    CAPTURE(renormalize);
+    mr::RouterConfig cfg;
+    cfg.num_experts = E;
+    cfg.renormalize = renormalize;
+    cfg.scaling = 1.25f;
+    mr::Router<mr::TopK<K>, mr::NoBalancing, mr::ReferenceBackend> ref(cfg);
+    mr::Router<mr::TopK<K>, mr::NoBalancing, mr::CpuBackend> cpu(cfg);
+    mr::RoutingBuffers rb;
+    mr::RoutingView rv = ref.make_output(rb, T);
+    ref.route(x, rv);
+    for (index_t t = 0; t < T; t += 3) {  // every third token: one slot repeats another
+      const index_t a = t % K, b = (t / 3 + 1) % K;
+      if (a != b) rv.ids[std::size_t(t * K + b)] = rv.ids[std::size_t(t * K + a)];
+    }
+    if (K >= 3) rv.ids[std::size_t(K + 2)] = rv.ids[std::size_t(K)] = rv.ids[std::size_t(K + 1)];  // three times
+    std::vector<float> dg(std::size_t(T * K));
+    for (std::size_t i = 0; i < dg.size(); ++i) dg[i] = 0.1f + 0.03f * float(i % 11) - 0.15f * float(i % 2);
+    std::vector<float> dz_ref(std::size_t(T * E)), dz(dz_ref.size());
+    const mr::MatrixView<const float> dgv(dg.data(), T, K);
+    ref.backward(x, rv, dgv, mr::MatrixView<float>(dz_ref.data(), T, E));
+    cpu.backward(x, rv, dgv, mr::MatrixView<float>(dz.data(), T, E));
+    require_grad_close(dz, dz_ref, T, E);
+  };
+  for (const bool renormalize : {true, false}) {
+    run(std::integral_constant<index_t, 2>{}, renormalize);
+    run(std::integral_constant<index_t, 8>{}, renormalize);
+    run(std::integral_constant<index_t, 20>{}, renormalize);
+  }
 }
 
 TEST_CASE("cpu backend: the documented snippet") {

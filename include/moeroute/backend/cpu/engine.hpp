@@ -12,6 +12,7 @@
 #include <functional>
 #include <limits>
 #include <memory>
+#include <numeric>
 #include <span>
 #include <type_traits>
 #include <utility>
@@ -172,34 +173,51 @@ inline void topk_row(const float* key, index_t n, index_t k, std::int32_t* ids,
   topk_insertion(key, n, k, ids);
 }
 
-/// The k ids in ascending order into out: each id's place is the count of the ids before it
-/// (smaller, or equal and earlier), without branches (k <= 16, a few times faster than
-/// std::sort there; std::sort beyond).
-inline void sort_ids(const std::int32_t* ids, index_t k, std::int32_t* out) {
+/// Each id's place in ascending order, equal ids by position: place[j] is the number of ids
+/// before ids[j] (smaller, or equal and earlier). Without branches for k <= 16 (a few times
+/// faster than std::sort there; a sort beyond). Returns whether the k ids are distinct.
+inline bool rank_ids(const std::int32_t* ids, index_t k, std::int32_t* place) {
   if (k > 16) {
-    std::copy(ids, ids + k, out);
-    std::sort(out, out + k);
-    return;
+    std::int32_t order[max_top_k];
+    std::iota(order, order + k, 0);
+    std::sort(order, order + k,
+              [&](std::int32_t a, std::int32_t b) { return ids[a] < ids[b] || (ids[a] == ids[b] && a < b); });
+    bool distinct = true;
+    for (index_t p = 0; p < k; ++p) {
+      place[order[p]] = std::int32_t(p);
+      distinct &= p == 0 || ids[order[p]] != ids[order[p - 1]];
+    }
+    return distinct;
   }
 #if MOEROUTE_CPU_SIMD
   if (k <= 8) {  // all k compares of one id at once
-    alignas(32) std::int32_t lane[8];
-    for (index_t i = 0; i < 8; ++i) lane[i] = i < k ? ids[i] : std::numeric_limits<std::int32_t>::max();
-    const __m256i all = _mm256_load_si256(reinterpret_cast<const __m256i*>(lane));
+    // the ids as one masked load (lanes past k: above every id); not k scalar stores and a
+    // reload, which waits for the stores to retire instead of forwarding them
+    const __m256i in =
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(std::int32_t(k)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i all = _mm256_blendv_epi8(_mm256_set1_epi32(std::numeric_limits<std::int32_t>::max()),
+                                           _mm256_maskload_epi32(reinterpret_cast<const int*>(ids), in), in);
+    unsigned others = 0;  // equal ids at another position
     for (index_t j = 0; j < k; ++j) {
       const __m256i b = _mm256_set1_epi32(ids[j]);
       const auto smaller = unsigned(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(b, all))));
       const auto equal = unsigned(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(b, all))));
-      out[std::popcount(smaller | (equal & ((1u << j) - 1u)))] = ids[j];
+      place[j] = std::popcount(smaller | (equal & ((1u << j) - 1u)));
+      others |= equal & ~(1u << j);
     }
-    return;
+    return others == 0;
   }
 #endif
+  bool distinct = true;
   for (index_t j = 0; j < k; ++j) {
-    index_t place = 0;
-    for (index_t i = 0; i < k; ++i) place += (ids[i] < ids[j]) | ((ids[i] == ids[j]) & (i < j));
-    out[place] = ids[j];
+    index_t p = 0;
+    for (index_t i = 0; i < k; ++i) {
+      p += (ids[i] < ids[j]) | ((ids[i] == ids[j]) & (i < j));
+      distinct &= (ids[i] != ids[j]) | (i == j);
+    }
+    place[j] = std::int32_t(p);
   }
+  return distinct;
 }
 
 /// Expert choice keeps the batch's key codes and scores in tiles of key_tile experts,
@@ -878,20 +896,39 @@ class CpuEngine {
           // chosen experts, so dz = s·(ds − dot) needs s in full only for its one write: the
           // scores are formed from the exps in that pass (e·(1/Σe), the forward's scaling
           // product), and at the k chosen experts beforehand, for the gates and the dot.
-          auto row = [&](index_t t, const float* z, float m, float* e, double esum) {
+          // The k chosen scores and their ∂L/∂s stay in local arrays: no write into the row
+          // read back at once, which costs a store-forwarding stall per read.
+          auto row = [&](index_t t, const float* z, float m, const float* e, double esum) {
             const float fsum = float(esum), inv = 1.0f / fsum;
+            // (a compile-time k gives loops of a known length)
+            const index_t k = Se::static_k != runtime_k ? Se::static_k : rv.slots;
             const std::int32_t* ids = rv.ids.data() + t * k;
-            float* ds = r.ds.data();
             float* dzr = dz.row_ptr(t);
-            std::int32_t sid[max_top_k];  // the reference's fp64 dot over all E adds the k terms in expert order
-            cpu::sort_ids(ids, k, sid);
-            for (index_t j = 0; j < k; ++j) {
-              e[sid[j]] *= inv;  // now s
-              ds[sid[j]] = 0.0f;
+            std::int32_t place[max_top_k], idx[max_top_k];  // x: in expert order
+            float sk[max_top_k], dsk[max_top_k], sx[max_top_k], dsx[max_top_k];
+            const bool distinct = cpu::rank_ids(ids, k, place);
+            for (index_t j = 0; j < k; ++j) sk[j] = e[ids[j]] * inv;  // the forward's scaling product
+            gates_backward_chosen(sk, k, c, dg.row_ptr(t), dsk);
+            if (distinct) {
+              for (index_t j = 0; j < k; ++j) dsk[j] = 0.0f + dsk[j];  // ∂L/∂s summed from zero, as the reference
+            } else {  // an expert listed twice (a hand-made routing): its terms add up in slot order
+              float sum[max_top_k];
+              for (index_t j = 0; j < k; ++j) {
+                sum[j] = 0.0f;
+                for (index_t i = 0; i < k; ++i)
+                  if (ids[i] == ids[j]) sum[j] += dsk[i];
+              }
+              std::copy(sum, sum + k, dsk);
             }
-            reference_gates_backward_row<Sc>(e, ids, k, c, dg.row_ptr(t), ds, dzr);
+            for (index_t j = 0; j < k; ++j) {
+              idx[place[j]] = ids[j];
+              sx[place[j]] = sk[j];
+              dsx[place[j]] = dsk[j];
+            }
+            // the reference's fp64 dot over all E: its nonzero terms, in expert order, each once
             double dot64 = 0.0;
-            for (index_t j = 0; j < k; ++j) dot64 += double(e[sid[j]]) * ds[sid[j]];
+            for (index_t p = 0; p < k; ++p)
+              if (distinct || p == 0 || idx[p] != idx[p - 1]) dot64 += double(sx[p]) * dsx[p];
             const float dot = float(dot64);
             index_t i = 0;
 #if MOEROUTE_CPU_SIMD
@@ -900,7 +937,7 @@ class CpuEngine {
                   .store_unaligned(dzr + i);
 #endif
             for (; i < E; ++i) dzr[i] = (e[i] * inv) * (0.0f - dot);
-            for (index_t j = 0; j < k; ++j) dzr[sid[j]] = e[sid[j]] * (ds[sid[j]] - dot);  // e is s there
+            for (index_t j = 0; j < k; ++j) dzr[ids[j]] = sk[j] * (dsk[j] - dot);
             if (dlse != 0.0f) add_zloss(z, m + log_f32(fsum), dzr);
           };
           for (index_t t = t0; t < t1;) {

@@ -167,6 +167,25 @@ inline void reference_chain_row(const float* z, const float* s, const float* p, 
   }
 }
 
+/// Backward of the gates of one token at its k chosen experts, for the forms whose gates are
+/// the scores (renormalised or not): dsk[j] = ∂L/∂s at expert ids[j] from the gates alone,
+/// given sk[j] = s[ids[j]] and `dg` = ∂L/∂g for the final (scaled) gates.
+inline void gates_backward_chosen(const float* sk, index_t k, const RouterConfig& c, const float* dg,
+                                  float* dsk) noexcept {
+  const float gamma = c.scaling;
+  if (c.renormalize) {
+    float sum = 0.0f;
+    for (index_t j = 0; j < k; ++j) sum += sk[j];
+    const float denom = sum + normalize_epsilon;
+    double dot = 0.0;
+    for (index_t j = 0; j < k; ++j) dot += double(gamma * dg[j]) * sk[j];
+    const float corr = float(dot) / (denom * denom);
+    for (index_t j = 0; j < k; ++j) dsk[j] = gamma * dg[j] / denom - corr;
+  } else {
+    for (index_t j = 0; j < k; ++j) dsk[j] = gamma * dg[j];
+  }
+}
+
 /// Backward of the gates of one token into ds (score space) or, for SoftmaxOverSelected,
 /// directly into dz. `dg` is ∂L/∂g for the final (scaled) gates.
 template <ScoringPolicy Sc>
@@ -189,16 +208,11 @@ inline void reference_gates_backward_row(const float* s, const std::int32_t* ids
       dot += double(g0[j]) * (gamma * dg[j]);
     }
     for (index_t j = 0; j < k; ++j) dz[ids[j]] += g0[j] * (gamma * dg[j] - float(dot));
-  } else if (c.renormalize) {
-    float sum = 0.0f;
-    for (index_t j = 0; j < k; ++j) sum += s[ids[j]];
-    const float denom = sum + normalize_epsilon;
-    double dot = 0.0;
-    for (index_t j = 0; j < k; ++j) dot += double(gamma * dg[j]) * s[ids[j]];
-    const float corr = float(dot) / (denom * denom);
-    for (index_t j = 0; j < k; ++j) ds[ids[j]] += gamma * dg[j] / denom - corr;
   } else {
-    for (index_t j = 0; j < k; ++j) ds[ids[j]] += gamma * dg[j];
+    float sk[max_top_k], dsk[max_top_k];
+    for (index_t j = 0; j < k; ++j) sk[j] = s[ids[j]];
+    gates_backward_chosen(sk, k, c, dg, dsk);
+    for (index_t j = 0; j < k; ++j) ds[ids[j]] += dsk[j];
   }
 }
 
