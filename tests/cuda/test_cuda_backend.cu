@@ -549,6 +549,10 @@ TEST_CASE("cuda: built-in balancers on the device follow the CPU over steps (sta
   balanced_steps<PerSequenceSwitchAux>(T, 64);  // the batch is one sequence
   balanced_steps<PhiBias<Entropy>>(T, 64);
   balanced_steps<Balancers<LossFree<>, PhiBias<Squared>, ZLoss>>(T, 64);  // two biases, summed
+  // potentials through pow: the device's pow may differ from the host's in the last bit, so
+  // the loss and gradients agree within 1e-6 (the state, an EMA of the loads, bit for bit)
+  balanced_steps<PhiBalancing<Power<3>>>(T, 64);
+  balanced_steps<PhiBalancing<Tsallis<1.5>>>(T, 64);
   // pairings without an exact device form keep the host hooks
   static_assert(!cuda_detail::device_balancing<PhiBias<Power<3>>, NoComm>);
   static_assert(!cuda_detail::device_balancing<PhiBalancing<Entropy, SignStep>, NoComm>);
@@ -1111,6 +1115,105 @@ TEST_CASE("cuda: non-finite logits are reported like on the CPU; NaN as -inf rou
   dx.upload(z);
   g2.route(MatrixView<const float>(dx.p, T, E), gv);
   CHECK_THROWS_AS(g2.engine().check_errors(MatrixView<const float>(dx.p, T, E)), invalid_argument);
+}
+
+TEST_CASE("cuda: routing ids out of range in backward and plan are recorded and reported, never followed") {
+  // The device path cannot check the ids before a call without a synchronisation: its
+  // kernels use a valid id in place of a bad one (no access outside the arrays; checked by
+  // compute-sanitizer on a GPU) and check_errors() reports the first, by position.
+  if (!cuda_ready()) return;
+  const index_t T = 300, E = 600, k = 4;  // E > 512: the general path's row in local memory
+  const auto z = make_input(Input::random, T, E, 71);
+  Dev<float> dx(z);
+  const MatrixView<const float> xv(dx.p, T, E);
+  RouterConfig cfg;
+  cfg.num_experts = E;
+  cfg.top_k = k;
+  Router<TopKRuntime, NoBalancing, CudaBackend> gpu(cfg);
+  DevRouting dr(T, E, k);
+  RoutingView gv = dr.view();
+  gpu.route(xv, gv);
+  gpu.engine().check_errors(xv);
+  auto ids = dr.ids.download();
+  ids[std::size_t(7 * k + 2)] = std::int32_t(E);  // first bad one: token 7, slot 2
+  ids[std::size_t(9 * k + 0)] = -1;
+  ids[std::size_t(250 * k + 3)] = std::numeric_limits<std::int32_t>::min();
+  dr.ids.upload(ids);
+  std::vector<float> dg(std::size_t(T * k), 0.5f);
+  Dev<float> ddg(dg), ddz(std::size_t(T * E));
+  gpu.backward(xv, gv, MatrixView<const float>(ddg.p, T, k), MatrixView<float>(ddz.p, T, E));
+  auto expect_error = [&](const char* where) {
+    CAPTURE(where);
+    try {
+      gpu.engine().check_errors(xv);
+      FAIL("no error reported");
+    } catch (const invalid_argument& e) {
+      CHECK(std::string(e.what()).find("routing") != std::string::npos);
+      CHECK(std::string(e.what()).find("ids[7, 2] = 600") != std::string::npos);
+    }
+    gpu.engine().check_errors(xv);  // cleared: no throw
+  };
+  expect_error("backward");
+  Dev<std::int32_t> pc{std::size_t(E)}, po{std::size_t(E + 1)}, order{std::size_t(T * k)}, pos{std::size_t(T * k)};
+  gpu.engine().plan(gv, CudaPlanView{pc.span(), po.span(), order.span(), pos.span()});
+  expect_error("plan");
+  // the plan stays a permutation (a bad id counted as expert 0): every slot written once
+  auto got = order.download();
+  std::sort(got.begin(), got.end());
+  std::vector<std::int32_t> all(std::size_t(T * k));
+  std::iota(all.begin(), all.end(), 0);
+  CHECK(got == all);
+
+  // expert choice: a token outside [-1, T)
+  RouterConfig ecfg;
+  ecfg.num_experts = E;
+  ecfg.capacity_factor = 4.0f;  // C = 2
+  Router<ExpertChoice, NoBalancing, CudaBackend> ec(ecfg);
+  const index_t C = ec.slots(T);
+  DevRouting de(T, E, C, ChoiceKind::expert);
+  RoutingView ev = de.view();
+  ec.route(xv, ev);
+  auto eids = de.ids.download();
+  eids[std::size_t(3 * C + 1)] = std::int32_t(T);
+  de.ids.upload(eids);
+  std::vector<float> edg(std::size_t(E * C), 0.5f);
+  Dev<float> dedg(edg);
+  ec.backward(xv, ev, MatrixView<const float>(dedg.p, E, C), MatrixView<float>(ddz.p, T, E));
+  try {
+    ec.engine().check_errors(xv);
+    FAIL("no error reported");
+  } catch (const invalid_argument& e) {
+    CHECK(std::string(e.what()).find("ids[3, 1] = 300 is not a token") != std::string::npos);
+  }
+}
+
+TEST_CASE("cuda: ExpertChoice backward of a routing that lists a token twice for one expert sums both, as the CPU") {
+  if (!cuda_ready()) return;
+  const index_t T = 64, E = 16;
+  const auto z = make_input(Input::random, T, E, 72);
+  Dev<float> dx(z);
+  const MatrixView<const float> xv(dx.p, T, E);
+  RouterConfig cfg;
+  cfg.num_experts = E;
+  cfg.capacity_factor = 2.0f;
+  Router<ExpertChoice, NoBalancing, ReferenceBackend> ref(cfg);
+  Router<ExpertChoice, NoBalancing, CudaBackend> gpu(cfg);
+  RoutingBuffers rb;
+  RoutingView rv = ref.make_output(rb, T);
+  ref.route(MatrixView<const float>(z.data(), T, E), rv);
+  const index_t C = rv.slots;
+  rv.ids[1] = rv.ids[0];  // expert 0 lists its first token twice
+  rv.ids[std::size_t(3 * C + 2)] = rv.ids[std::size_t(3 * C)];
+  DevRouting dr(T, E, C, ChoiceKind::expert);
+  dr.ids.upload(std::vector<std::int32_t>(rv.ids.begin(), rv.ids.end()));
+  std::vector<float> dg(std::size_t(E * C));
+  for (std::size_t i = 0; i < dg.size(); ++i) dg[i] = 0.1f + 0.01f * float(i % 7);
+  std::vector<float> dz_ref(std::size_t(T * E));
+  ref.backward(MatrixView<const float>(z.data(), T, E), rv, MatrixView<const float>(dg.data(), E, C),
+               MatrixView<float>(dz_ref.data(), T, E));
+  Dev<float> ddg(dg), ddz(std::size_t(T * E));
+  gpu.backward(xv, dr.view(), MatrixView<const float>(ddg.p, E, C), MatrixView<float>(ddz.p, T, E));
+  CHECK(gradients_agree(ddz.download(), dz_ref));
 }
 
 TEST_CASE("cuda: route + backward captured in a CUDA graph, replayed on new logits") {

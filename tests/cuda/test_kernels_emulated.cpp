@@ -210,7 +210,7 @@ void run(index_t T, index_t E, index_t k, bool renorm, float scaling, bool use_b
       off(static_cast<std::size_t>(E + 1));
   std::vector<std::int32_t> order(static_cast<std::size_t>(T * k)), pos(static_cast<std::size_t>(T * k));
   emu::launch(dim3(unsigned(chunks)), dim3(64), std::size_t(E) * 4,
-              [&] { cd::plan_count_kernel(ids.data(), int(T), int(k), int(E), part.data()); });
+              [&] { cd::plan_count_kernel(ids.data(), int(T), int(k), int(E), part.data(), nullptr); });
   emu::launch(dim3(unsigned(E)), dim3(cd::plan_threads), 0,
               [&] { cd::plan_scan_chunks_kernel(int(chunks), int(E), part.data(), pcount.data()); });
   emu::launch(dim3(1), dim3(cd::plan_threads), 0, [&] { cd::plan_offsets_kernel(int(E), pcount.data(), off.data()); });

@@ -489,7 +489,7 @@ class CudaEngine {
     part_lse_.reserve(std::size_t(std::max<index_t>(l.blocks, 1)));
     prob_f64_.reserve(std::size_t(experts));
     scalars_.reserve(2);
-    bad_.reserve(1);
+    bad_.reserve(2);
     bias_.reserve(std::size_t(experts));
     dprob_.reserve(std::size_t(experts));
     const index_t chunks = (tokens + cuda_detail::plan_chunk_tokens - 1) / cuda_detail::plan_chunk_tokens;
@@ -500,7 +500,7 @@ class CudaEngine {
       ds_t_.reserve(std::size_t(tokens * experts));
     }
     if (!bad_initialised_) {
-      MOEROUTE_CUDA_CHECK(cudaMemsetAsync(bad_.data(), 0xff, sizeof(unsigned long long), stream_));
+      MOEROUTE_CUDA_CHECK(cudaMemsetAsync(bad_.data(), 0xff, 2 * sizeof(unsigned long long), stream_));
       bad_initialised_ = true;
     }
   }
@@ -611,15 +611,17 @@ class CudaEngine {
     P.E = int(E);
     P.k = int(r.slots);
     P.ids = r.ids.data();
+    P.bad_id = bad_id_record(r);
     P.dg = dg.data;
     P.dg_stride = dg.stride;
     if constexpr (expert_choice) {  // the [E, C] gate gradient scattered into a dense ∂L/∂s
       reserve(T, E, 0, false);
+      P.bad_id = bad_id_record(r);  // (now that the record exists)
       const index_t C = r.slots;
       MOEROUTE_CUDA_CHECK(cudaMemsetAsync(ds_t_.data(), 0, std::size_t(T * E) * sizeof(float), stream_));
       if (C > 0) {
         cuda_detail::expert_choice_scatter_kernel<<<unsigned((E * C + 255) / 256), 256, 0, stream_>>>(
-            r.ids.data(), dg.data, dg.stride, int(T), int(E), int(C), c.scaling, ds_t_.data());
+            r.ids.data(), dg.data, dg.stride, int(T), int(E), int(C), c.scaling, ds_t_.data(), P.bad_id);
         MOEROUTE_CUDA_CHECK_LAUNCH();
       }
       P.k = 0;
@@ -669,7 +671,7 @@ class CudaEngine {
     const std::size_t smem = std::size_t(E) * sizeof(int);
     if (chunks > 0) {
       cuda_detail::plan_count_kernel<<<unsigned(chunks), 256, smem, stream_>>>(r.ids.data(), int(T), int(k), int(E),
-                                                                               plan_part_.data());
+                                                                               plan_part_.data(), bad_id_record(r));
       MOEROUTE_CUDA_CHECK_LAUNCH();
     }
     cuda_detail::plan_scan_chunks_kernel<<<unsigned(E), cuda_detail::plan_threads, 0, stream_>>>(
@@ -685,18 +687,38 @@ class CudaEngine {
     }
   }
 
-  /// Synchronises the stream and throws non_finite_error (or invalid_argument for an
-  /// all-NaN token) for the first bad logit seen by a forward since the last check, then
-  /// clears the record. `x` must be the logits of that forward (to report the value).
+  /// Synchronises the stream and throws what the kernels recorded since the last check, then
+  /// clears that record: non_finite_error (or invalid_argument for an all-NaN token) for the
+  /// first bad logit seen by a forward (`x` must be the logits of that forward, to report the
+  /// value), else invalid_argument for the first routing id outside its range seen by a
+  /// backward or a plan (the host backends check the ids before the call; the device ones
+  /// cannot without a synchronisation, so their kernels use a valid id in its place and
+  /// record it: the results of that call are meaningless).
   template <LogitElement L>
   void check_errors(MatrixView<const L> x) {
     if (!bad_initialised_) return;
-    unsigned long long code = 0;
-    MOEROUTE_CUDA_CHECK(cudaMemcpyAsync(&code, bad_.data(), sizeof code, cudaMemcpyDeviceToHost, stream_));
+    unsigned long long code[2] = {0, 0};
+    MOEROUTE_CUDA_CHECK(cudaMemcpyAsync(code, bad_.data(), sizeof code, cudaMemcpyDeviceToHost, stream_));
     MOEROUTE_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    if (code == ~0ull) return;
-    MOEROUTE_CUDA_CHECK(cudaMemsetAsync(bad_.data(), 0xff, sizeof(unsigned long long), stream_));
-    throw_bad_logit(code, x);
+    if (code[0] != ~0ull) {
+      MOEROUTE_CUDA_CHECK(cudaMemsetAsync(bad_.data(), 0xff, sizeof(unsigned long long), stream_));
+      throw_bad_logit(code[0], x);
+    }
+    if (code[1] != ~0ull) {
+      MOEROUTE_CUDA_CHECK(cudaMemsetAsync(bad_.data() + 1, 0xff, sizeof(unsigned long long), stream_));
+      const auto i = index_t(code[1] >> 32), slots = std::max<index_t>(id_slots_, 1);
+      const auto id = std::int32_t(std::uint32_t(code[1] & 0xffffffffu));
+      detail::require(false, "routing", "ids[", i / slots, ", ", i % slots, "] = ", id,
+                      expert_choice ? " is not a token of the batch or -1" : " is not an expert in [0, E)",
+                      " (seen on the device by a backward or a plan)");
+    }
+  }
+
+  /// Where the kernels reading `r`'s ids record the first one out of range (bad_[1]), or null
+  /// before the first reserve.
+  unsigned long long* bad_id_record(const RoutingView& r) {
+    id_slots_ = r.slots;
+    return bad_initialised_ ? bad_.data() + 1 : nullptr;
   }
 
   /// Throws the error of a recorded bad logit (coded t·(E+1)+e) of the logits `x`: the
@@ -1285,6 +1307,7 @@ class CudaEngine {
   cudaStream_t stream_ = nullptr;
   Event copy_done_;
   bool bad_initialised_ = false;
+  index_t id_slots_ = 0;  // slots of the routing last checked on the device (for the error message)
   cuda_detail::DeviceArray<double> part_prob_, part_lse_, prob_f64_, scalars_;
   cuda_detail::DeviceArray<int> part_count_, plan_part_;
   cuda_detail::DeviceArray<unsigned long long> bad_;

@@ -624,7 +624,19 @@ struct BackwardParams {
   const float* ds_t = nullptr;            ///< expert choice: ∂L/∂s [E, T] (replaces ids and dg)
   float* dz = nullptr;                    ///< ∂L/∂logits [T, E] with row stride dz_stride (written)
   index_t dz_stride = 0;
+  unsigned long long* bad_id = nullptr;  ///< the first id outside [0, E) (checked_id)
 };
+
+/// Routing ids come from the caller on the device path (the host cannot read them without a
+/// synchronisation), so a kernel that indexes with them checks each: an id outside [lo, hi)
+/// is recorded in `bad` as (flat index << 32 | id bits), the smallest index winning
+/// (check_errors() reports it), and replaced by `fallback`, so that no access leaves the
+/// arrays.
+__device__ inline int checked_id(int id, index_t a, int lo, int hi, int fallback, unsigned long long* bad) {
+  if (id >= lo && id < hi) return id;
+  if (bad) atomicMin(bad, (static_cast<unsigned long long>(a) << 32) | static_cast<unsigned>(id));
+  return fallback;
+}
 
 /// dL/dz of one token per warp: recomputes the scores, then the gate backward and the
 /// chain rule of reference_gates_backward_row / reference_chain_row.
@@ -649,7 +661,7 @@ __global__ void __launch_bounds__(256) route_backward_kernel(BackwardParams<L> P
   const float lse = warp_score_row<Sc>(z, s, p, lane, E, dlse_sq != 0.0f);
 
   for (int j = lane; j < k; j += 32) {
-    s_ids[w][j] = P.ids[t * k + j];
+    s_ids[w][j] = checked_id(P.ids[t * k + j], t * k + j, 0, E, 0, P.bad_id);
     s_dg[w][j] = P.dg[t * P.dg_stride + j];
   }
   __syncwarp();
@@ -774,13 +786,14 @@ inline constexpr int plan_chunk_tokens = 256;
 inline constexpr int plan_threads = 128;
 
 /// Per-chunk expert histogram of the ids: part[c, e].
-__global__ void plan_count_kernel(const std::int32_t* ids, int T, int k, int E, int* part) {
+__global__ void plan_count_kernel(const std::int32_t* ids, int T, int k, int E, int* part, unsigned long long* bad_id) {
   extern __shared__ int hist[];
   for (int e = threadIdx.x; e < E; e += blockDim.x) hist[e] = 0;
   __syncthreads();
   const index_t a0 = index_t(blockIdx.x) * plan_chunk_tokens * k;
   const index_t a1 = min(index_t(T), index_t(blockIdx.x + 1) * plan_chunk_tokens) * k;
-  for (index_t a = a0 + threadIdx.x; a < a1; a += blockDim.x) atomicAdd(hist + ids[a], 1);
+  for (index_t a = a0 + threadIdx.x; a < a1; a += blockDim.x)
+    atomicAdd(hist + checked_id(ids[a], a, 0, E, 0, bad_id), 1);
   __syncthreads();
   for (int e = threadIdx.x; e < E; e += blockDim.x) part[index_t(blockIdx.x) * E + e] = hist[e];
 }
@@ -844,6 +857,7 @@ __global__ void __launch_bounds__(plan_threads) plan_offsets_kernel(int E, const
 __global__ void __launch_bounds__(32)
     plan_scatter_kernel(const std::int32_t* ids, int T, int k, int E, const int* chunk_base, const int* offsets,
                         std::int32_t* order, std::int32_t* position) {
+  // (an id outside [0, E) was recorded by plan_count_kernel and counted as expert 0; so here)
   extern __shared__ int cursor[];
   const int lane = threadIdx.x;
   for (int e = lane; e < E; e += 32) cursor[e] = offsets[e] + chunk_base[index_t(blockIdx.x) * E + e];
@@ -852,7 +866,7 @@ __global__ void __launch_bounds__(32)
   const index_t a1 = min(index_t(T), index_t(blockIdx.x + 1) * plan_chunk_tokens) * k;
   for (index_t base = a0; base < a1; base += 32) {
     const index_t a = base + lane;
-    const int e = a < a1 ? ids[a] : -1;
+    const int e = a < a1 ? checked_id(ids[a], a, 0, E, 0, nullptr) : -1;
     const unsigned peers = __match_any_sync(full_mask, e);
     const int rank = __popc(peers & ((1u << lane) - 1u));
     const int pos = e >= 0 ? cursor[e] + rank : 0;
@@ -958,14 +972,17 @@ __global__ void __launch_bounds__(plan_threads)
 }
 
 /// Expert choice's gate backward: ∂L/∂s [E, T] (zeroed before) gets 0 + γ·∂L/∂g at every
-/// taken (expert, token), as the reference scatters it; each pair occurs once.
+/// taken (expert, token), as the reference scatters it. route() lists a pair once, so each
+/// element takes one add onto zero (the reference's bits); the add is atomic so that a
+/// hand-made routing listing a pair twice sums both, as the reference does (in either order
+/// the same sum; from three times on, the order of the adds may change the last bit).
 __global__ void expert_choice_scatter_kernel(const std::int32_t* ids, const float* dg, index_t dg_stride, int T, int E,
-                                             int C, float scaling, float* ds_t) {
+                                             int C, float scaling, float* ds_t, unsigned long long* bad_id) {
   const index_t i = index_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= index_t(E) * C) return;
   const index_t e = i / C, j = i % C;
-  const int t = ids[i];
-  if (t >= 0) ds_t[e * T + t] = __fadd_rn(0.0f, __fmul_rn(scaling, dg[e * dg_stride + j]));
+  const int t = checked_id(ids[i], i, -1, T, -1, bad_id);
+  if (t >= 0) atomicAdd(ds_t + e * T + t, __fmul_rn(scaling, dg[e * dg_stride + j]));
 }
 
 // ---------------------------------------------------------------------------------------
