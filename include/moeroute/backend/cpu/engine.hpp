@@ -173,20 +173,17 @@ inline void topk_row(const float* key, index_t n, index_t k, std::int32_t* ids,
   topk_insertion(key, n, k, ids);
 }
 
-/// Each id's place in ascending order, equal ids by position: place[j] is the number of ids
-/// before ids[j] (smaller, or equal and earlier). Without branches for k <= 16 (a few times
-/// faster than std::sort there; a sort beyond). Returns whether the k ids are distinct.
-inline bool rank_ids(const std::int32_t* ids, index_t k, std::int32_t* place) {
+/// The positions of the k ids in ascending id order, equal ids by position (a stable
+/// argsort): order[p] is the position of the p-th smallest. Each id's place is the count of
+/// the ids before it (smaller, or equal and earlier), without branches for k <= 16 (a few
+/// times faster than std::sort there; a sort beyond). Returns whether the k ids are distinct.
+inline bool argsort_ids(const std::int32_t* ids, index_t k, std::int32_t* order) {
   if (k > 16) {
-    std::int32_t order[max_top_k];
     std::iota(order, order + k, 0);
     std::sort(order, order + k,
               [&](std::int32_t a, std::int32_t b) { return ids[a] < ids[b] || (ids[a] == ids[b] && a < b); });
     bool distinct = true;
-    for (index_t p = 0; p < k; ++p) {
-      place[order[p]] = std::int32_t(p);
-      distinct &= p == 0 || ids[order[p]] != ids[order[p - 1]];
-    }
+    for (index_t p = 1; p < k; ++p) distinct &= ids[order[p]] != ids[order[p - 1]];
     return distinct;
   }
 #if MOEROUTE_CPU_SIMD
@@ -202,7 +199,7 @@ inline bool rank_ids(const std::int32_t* ids, index_t k, std::int32_t* place) {
       const __m256i b = _mm256_set1_epi32(ids[j]);
       const auto smaller = unsigned(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(b, all))));
       const auto equal = unsigned(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(b, all))));
-      place[j] = std::popcount(smaller | (equal & ((1u << j) - 1u)));
+      order[std::popcount(smaller | (equal & ((1u << j) - 1u)))] = std::int32_t(j);
       others |= equal & ~(1u << j);
     }
     return others == 0;
@@ -215,7 +212,7 @@ inline bool rank_ids(const std::int32_t* ids, index_t k, std::int32_t* place) {
       p += (ids[i] < ids[j]) | ((ids[i] == ids[j]) & (i < j));
       distinct &= (ids[i] != ids[j]) | (i == j);
     }
-    place[j] = std::int32_t(p);
+    order[p] = std::int32_t(j);
   }
   return distinct;
 }
@@ -904,15 +901,16 @@ class CpuEngine {
             const index_t k = Se::static_k != runtime_k ? Se::static_k : rv.slots;
             const std::int32_t* ids = rv.ids.data() + t * k;
             float* dzr = dz.row_ptr(t);
-            std::int32_t place[max_top_k], idx[max_top_k];  // x: in expert order
-            float sk[max_top_k], dsk[max_top_k], sx[max_top_k], dsx[max_top_k];
-            const bool distinct = cpu::rank_ids(ids, k, place);
+            constexpr index_t kmax = Se::static_k != runtime_k ? Se::static_k : max_top_k;
+            std::int32_t order[kmax];        // the slots in expert order
+            float sk[kmax] = {}, dsk[kmax];  // (zeroed: the compiler cannot see that order covers [0, k))
+            const bool distinct = cpu::argsort_ids(ids, k, order);
             for (index_t j = 0; j < k; ++j) sk[j] = e[ids[j]] * inv;  // the forward's scaling product
             gates_backward_chosen(sk, k, c, dg.row_ptr(t), dsk);
             if (distinct) {
               for (index_t j = 0; j < k; ++j) dsk[j] = 0.0f + dsk[j];  // ∂L/∂s summed from zero, as the reference
             } else {  // an expert listed twice (a hand-made routing): its terms add up in slot order
-              float sum[max_top_k];
+              float sum[kmax];
               for (index_t j = 0; j < k; ++j) {
                 sum[j] = 0.0f;
                 for (index_t i = 0; i < k; ++i)
@@ -920,15 +918,12 @@ class CpuEngine {
               }
               std::copy(sum, sum + k, dsk);
             }
-            for (index_t j = 0; j < k; ++j) {
-              idx[place[j]] = ids[j];
-              sx[place[j]] = sk[j];
-              dsx[place[j]] = dsk[j];
-            }
             // the reference's fp64 dot over all E: its nonzero terms, in expert order, each once
             double dot64 = 0.0;
-            for (index_t p = 0; p < k; ++p)
-              if (distinct || p == 0 || idx[p] != idx[p - 1]) dot64 += double(sx[p]) * dsx[p];
+            for (index_t p = 0; p < k; ++p) {
+              const std::int32_t j = order[p];
+              if (distinct || p == 0 || ids[j] != ids[order[p - 1]]) dot64 += double(sk[j]) * dsk[j];
+            }
             const float dot = float(dot64);
             index_t i = 0;
 #if MOEROUTE_CPU_SIMD
