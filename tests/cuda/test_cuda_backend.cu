@@ -1163,6 +1163,22 @@ TEST_CASE("cuda: routing ids out of range in backward and plan are recorded and 
   std::vector<std::int32_t> all(std::size_t(T * k));
   std::iota(all.begin(), all.end(), 0);
   CHECK(got == all);
+  // a router whose first call is the backward records too
+  Router<TopKRuntime, NoBalancing, CudaBackend> fresh(cfg);
+  fresh.backward(xv, gv, MatrixView<const float>(ddg.p, T, k), MatrixView<float>(ddz.p, T, E));
+  CHECK_THROWS_AS(fresh.engine().check_errors(xv), invalid_argument);
+  fresh.engine().check_errors(xv);  // cleared: no throw
+  // a bad logit and a bad id: the logit's error first, and the whole record cleared
+  auto zb = z;
+  zb[std::size_t(5 * E + 3)] = NAN;
+  Dev<float> dxb(zb);
+  const MatrixView<const float> xb(dxb.p, T, E);
+  DevRouting dr2(T, E, k);
+  RoutingView gv2 = dr2.view();
+  gpu.route(xb, gv2);
+  gpu.backward(xv, gv, MatrixView<const float>(ddg.p, T, k), MatrixView<float>(ddz.p, T, E));
+  CHECK_THROWS_AS(gpu.engine().check_errors(xb), non_finite_error);
+  gpu.engine().check_errors(xb);  // cleared: no throw
 
   // expert choice: a token outside [-1, T)
   RouterConfig ecfg;

@@ -928,11 +928,12 @@ class CpuEngine {
             index_t i = 0;
 #if MOEROUTE_CPU_SIMD
             for (; i < cpu::vec_end(E); i += cpu::W)
-              ((cpu::vf::load_unaligned(e + i) * cpu::vf(inv)) * (cpu::vf(0.0f) - cpu::vf(dot)))
+              (cpu::vf(0.0f) + (cpu::vf::load_unaligned(e + i) * cpu::vf(inv)) * (cpu::vf(0.0f) - cpu::vf(dot)))
                   .store_unaligned(dzr + i);
 #endif
-            for (; i < E; ++i) dzr[i] = (e[i] * inv) * (0.0f - dot);
-            for (index_t j = 0; j < k; ++j) dzr[ids[j]] = sk[j] * (dsk[j] - dot);
+            // dz = 0 + s·(ds − dot), summed from zero as the reference (+0 where s underflowed)
+            for (; i < E; ++i) dzr[i] = 0.0f + (e[i] * inv) * (0.0f - dot);
+            for (index_t j = 0; j < k; ++j) dzr[ids[j]] = 0.0f + sk[j] * (dsk[j] - dot);
             if (dlse != 0.0f) add_zloss(z, m + log_f32(fsum), dzr);
           };
           for (index_t t = t0; t < t1;) {
@@ -1005,10 +1006,10 @@ class CpuEngine {
           index_t i = 0;
 #if MOEROUTE_CPU_SIMD
           for (; i < cpu::vec_end(E); i += cpu::W)
-            (cpu::vf::load_unaligned(s + i) * (cpu::vf::load_unaligned(ds + i) - cpu::vf(dot)))
+            (cpu::vf(0.0f) + cpu::vf::load_unaligned(s + i) * (cpu::vf::load_unaligned(ds + i) - cpu::vf(dot)))
                 .store_unaligned(dzr + i);
 #endif
-          for (; i < E; ++i) dzr[i] = s[i] * (ds[i] - dot);
+          for (; i < E; ++i) dzr[i] = 0.0f + s[i] * (ds[i] - dot);
         } else if constexpr (Sc::form == ScoreForm::softmax_selected) {
           std::fill(dzr, dzr + E, 0.0f);
           reference_gates_backward_row<Sc>(z, ids, k, c, dg.row_ptr(t), ds, dzr);
@@ -1042,11 +1043,11 @@ class CpuEngine {
 #if MOEROUTE_CPU_SIMD
             for (; i < cpu::vec_end(E); i += cpu::W) {
               const cpu::vf sv = cpu::vf::load_unaligned(s + i);
-              (cpu::vf::load_unaligned(ds + i) * (sv * (cpu::vf(1.0f) - sv))).store_unaligned(dzr + i);
+              (cpu::vf(0.0f) + cpu::vf::load_unaligned(ds + i) * (sv * (cpu::vf(1.0f) - sv))).store_unaligned(dzr + i);
             }
 #endif
           }
-          for (; i < E; ++i) dzr[i] = ds[i] * Sc::derivative(z[i], s[i]);
+          for (; i < E; ++i) dzr[i] = 0.0f + ds[i] * Sc::derivative(z[i], s[i]);  // from zero, as the reference
         }
         if (dlse != 0.0f) add_zloss(z, lse, dzr);
       }

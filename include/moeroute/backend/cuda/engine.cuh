@@ -499,10 +499,16 @@ class CudaEngine {
       if (selection_bias) keys_t_.reserve(std::size_t(tokens * experts));
       ds_t_.reserve(std::size_t(tokens * experts));
     }
-    if (!bad_initialised_) {
-      MOEROUTE_CUDA_CHECK(cudaMemsetAsync(bad_.data(), 0xff, 2 * sizeof(unsigned long long), stream_));
-      bad_initialised_ = true;
-    }
+    init_error_record();
+  }
+
+  /// The device's error record (bad_: the first bad logit, the first bad routing id),
+  /// allocated and cleared on first use.
+  void init_error_record() {
+    if (bad_initialised_) return;
+    bad_.reserve(2);
+    MOEROUTE_CUDA_CHECK(cudaMemsetAsync(bad_.data(), 0xff, 2 * sizeof(unsigned long long), stream_));
+    bad_initialised_ = true;
   }
 
   /// The fused forward on the device: ids, gates, counts, prob_sums (and global_* copies, the
@@ -616,7 +622,6 @@ class CudaEngine {
     P.dg_stride = dg.stride;
     if constexpr (expert_choice) {  // the [E, C] gate gradient scattered into a dense ∂L/∂s
       reserve(T, E, 0, false);
-      P.bad_id = bad_id_record(r);  // (now that the record exists)
       const index_t C = r.slots;
       MOEROUTE_CUDA_CHECK(cudaMemsetAsync(ds_t_.data(), 0, std::size_t(T * E) * sizeof(float), stream_));
       if (C > 0) {
@@ -688,24 +693,23 @@ class CudaEngine {
   }
 
   /// Synchronises the stream and throws what the kernels recorded since the last check, then
-  /// clears that record: non_finite_error (or invalid_argument for an all-NaN token) for the
-  /// first bad logit seen by a forward (`x` must be the logits of that forward, to report the
-  /// value), else invalid_argument for the first routing id outside its range seen by a
+  /// clears the whole record: non_finite_error (or invalid_argument for an all-NaN token) for
+  /// the first bad logit seen by a forward (`x` must be the logits of that forward, to report
+  /// the value), else invalid_argument for the first routing id outside its range seen by a
   /// backward or a plan (the host backends check the ids before the call; the device ones
   /// cannot without a synchronisation, so their kernels use a valid id in its place and
-  /// record it: the results of that call are meaningless).
+  /// record it: the results of that call are meaningless). A route that synchronises anyway
+  /// (host balancer hooks) runs this check too, so it also reports an earlier call's bad ids.
   template <LogitElement L>
   void check_errors(MatrixView<const L> x) {
     if (!bad_initialised_) return;
     unsigned long long code[2] = {0, 0};
     MOEROUTE_CUDA_CHECK(cudaMemcpyAsync(code, bad_.data(), sizeof code, cudaMemcpyDeviceToHost, stream_));
     MOEROUTE_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    if (code[0] != ~0ull) {
-      MOEROUTE_CUDA_CHECK(cudaMemsetAsync(bad_.data(), 0xff, sizeof(unsigned long long), stream_));
-      throw_bad_logit(code[0], x);
-    }
-    if (code[1] != ~0ull) {
-      MOEROUTE_CUDA_CHECK(cudaMemsetAsync(bad_.data() + 1, 0xff, sizeof(unsigned long long), stream_));
+    if (code[0] == ~0ull && code[1] == ~0ull) return;
+    MOEROUTE_CUDA_CHECK(cudaMemsetAsync(bad_.data(), 0xff, sizeof code, stream_));  // both, reported now
+    if (code[0] != ~0ull) throw_bad_logit(code[0], x);
+    {
       const auto i = index_t(code[1] >> 32), slots = std::max<index_t>(id_slots_, 1);
       const auto id = std::int32_t(std::uint32_t(code[1] & 0xffffffffu));
       detail::require(false, "routing", "ids[", i / slots, ", ", i % slots, "] = ", id,
@@ -714,11 +718,11 @@ class CudaEngine {
     }
   }
 
-  /// Where the kernels reading `r`'s ids record the first one out of range (bad_[1]), or null
-  /// before the first reserve.
+  /// Where the kernels reading `r`'s ids record the first one out of range (bad_[1]).
   unsigned long long* bad_id_record(const RoutingView& r) {
+    init_error_record();
     id_slots_ = r.slots;
-    return bad_initialised_ ? bad_.data() + 1 : nullptr;
+    return bad_.data() + 1;
   }
 
   /// Throws the error of a recorded bad logit (coded t·(E+1)+e) of the logits `x`: the

@@ -971,6 +971,17 @@ __global__ void __launch_bounds__(plan_threads)
   }
 }
 
+/// *p += v rounded to nearest, subnormals kept, as one atomic step (a compare-and-swap loop:
+/// atomicAdd on a float flushes subnormal inputs and results to zero).
+__device__ inline void atomic_add_rn(float* p, float v) {
+  unsigned* u = reinterpret_cast<unsigned*>(p);
+  unsigned old = *u, seen;
+  do {
+    seen = old;
+    old = atomicCAS(u, seen, __float_as_uint(__fadd_rn(__uint_as_float(seen), v)));
+  } while (old != seen);
+}
+
 /// Expert choice's gate backward: ∂L/∂s [E, T] (zeroed before) gets 0 + γ·∂L/∂g at every
 /// taken (expert, token), as the reference scatters it. route() lists a pair once, so each
 /// element takes one add onto zero (the reference's bits); the add is atomic so that a
@@ -982,7 +993,7 @@ __global__ void expert_choice_scatter_kernel(const std::int32_t* ids, const floa
   if (i >= index_t(E) * C) return;
   const index_t e = i / C, j = i % C;
   const int t = checked_id(ids[i], i, -1, T, -1, bad_id);
-  if (t >= 0) atomicAdd(ds_t + e * T + t, __fmul_rn(scaling, dg[e * dg_stride + j]));
+  if (t >= 0) atomic_add_rn(ds_t + e * T + t, __fmul_rn(scaling, dg[e * dg_stride + j]));
 }
 
 // ---------------------------------------------------------------------------------------
