@@ -906,7 +906,8 @@ class CpuEngine {
             float sk[kmax] = {}, dsk[kmax];  // (zeroed: the compiler cannot see that order covers [0, k))
             const bool distinct = cpu::argsort_ids(ids, k, order);
             for (index_t j = 0; j < k; ++j) sk[j] = e[ids[j]] * inv;  // the forward's scaling product
-            gates_backward_chosen(sk, k, c, dg.row_ptr(t), dsk);
+            gates_backward_chosen([&](index_t j) { return sk[j]; }, k, c, dg.row_ptr(t),
+                                  [&](index_t j, float v) { dsk[j] = v; });
             if (distinct) {
               for (index_t j = 0; j < k; ++j) dsk[j] = 0.0f + dsk[j];  // ∂L/∂s summed from zero, as the reference
             } else {  // an expert listed twice (a hand-made routing): its terms add up in slot order

@@ -168,21 +168,22 @@ inline void reference_chain_row(const float* z, const float* s, const float* p, 
 }
 
 /// Backward of the gates of one token at its k chosen experts, for the forms whose gates are
-/// the scores (renormalised or not): dsk[j] = ∂L/∂s at expert ids[j] from the gates alone,
-/// given sk[j] = s[ids[j]] and `dg` = ∂L/∂g for the final (scaled) gates.
-inline void gates_backward_chosen(const float* sk, index_t k, const RouterConfig& c, const float* dg,
-                                  float* dsk) noexcept {
+/// the scores (renormalised or not): out(j, v) receives v = ∂L/∂s at the expert of slot j from
+/// the gates alone, given score(j) = that expert's score and `dg` = ∂L/∂g for the final
+/// (scaled) gates.
+template <class Score, class Out>
+inline void gates_backward_chosen(Score score, index_t k, const RouterConfig& c, const float* dg, Out out) {
   const float gamma = c.scaling;
   if (c.renormalize) {
     float sum = 0.0f;
-    for (index_t j = 0; j < k; ++j) sum += sk[j];
+    for (index_t j = 0; j < k; ++j) sum += score(j);
     const float denom = sum + normalize_epsilon;
     double dot = 0.0;
-    for (index_t j = 0; j < k; ++j) dot += double(gamma * dg[j]) * sk[j];
+    for (index_t j = 0; j < k; ++j) dot += double(gamma * dg[j]) * score(j);
     const float corr = float(dot) / (denom * denom);
-    for (index_t j = 0; j < k; ++j) dsk[j] = gamma * dg[j] / denom - corr;
+    for (index_t j = 0; j < k; ++j) out(j, gamma * dg[j] / denom - corr);
   } else {
-    for (index_t j = 0; j < k; ++j) dsk[j] = gamma * dg[j];
+    for (index_t j = 0; j < k; ++j) out(j, gamma * dg[j]);
   }
 }
 
@@ -209,10 +210,7 @@ inline void reference_gates_backward_row(const float* s, const std::int32_t* ids
     }
     for (index_t j = 0; j < k; ++j) dz[ids[j]] += g0[j] * (gamma * dg[j] - float(dot));
   } else {
-    float sk[max_top_k], dsk[max_top_k];
-    for (index_t j = 0; j < k; ++j) sk[j] = s[ids[j]];
-    gates_backward_chosen(sk, k, c, dg, dsk);
-    for (index_t j = 0; j < k; ++j) ds[ids[j]] += dsk[j];
+    gates_backward_chosen([&](index_t j) { return s[ids[j]]; }, k, c, dg, [&](index_t j, float v) { ds[ids[j]] += v; });
   }
 }
 
