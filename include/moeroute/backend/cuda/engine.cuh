@@ -489,7 +489,6 @@ class CudaEngine {
     part_lse_.reserve(std::size_t(std::max<index_t>(l.blocks, 1)));
     prob_f64_.reserve(std::size_t(experts));
     scalars_.reserve(2);
-    bad_.reserve(2);
     bias_.reserve(std::size_t(experts));
     dprob_.reserve(std::size_t(experts));
     const index_t chunks = (tokens + cuda_detail::plan_chunk_tokens - 1) / cuda_detail::plan_chunk_tokens;
@@ -709,13 +708,11 @@ class CudaEngine {
     if (code[0] == ~0ull && code[1] == ~0ull) return;
     MOEROUTE_CUDA_CHECK(cudaMemsetAsync(bad_.data(), 0xff, sizeof code, stream_));  // both, reported now
     if (code[0] != ~0ull) throw_bad_logit(code[0], x);
-    {
-      const auto i = index_t(code[1] >> 32), slots = std::max<index_t>(id_slots_, 1);
-      const auto id = std::int32_t(std::uint32_t(code[1] & 0xffffffffu));
-      detail::require(false, "routing", "ids[", i / slots, ", ", i % slots, "] = ", id,
-                      expert_choice ? " is not a token of the batch or -1" : " is not an expert in [0, E)",
-                      " (seen on the device by a backward or a plan)");
-    }
+    const auto i = index_t(code[1] >> 32), slots = std::max<index_t>(id_slots_, 1);
+    const auto id = std::int32_t(std::uint32_t(code[1] & 0xffffffffu));
+    detail::require(false, "routing", "ids[", i / slots, ", ", i % slots, "] = ", id,
+                    expert_choice ? " is not a token of the batch or -1" : " is not an expert in [0, E)",
+                    " (seen on the device by a backward or a plan)");
   }
 
   /// Where the kernels reading `r`'s ids record the first one out of range (bad_[1]).
